@@ -1,0 +1,3 @@
+"""sentinel-proxy: a session-sticky reverse proxy for OpenAI-compatible APIs."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from sentinel_proxy.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,188 @@
+"""ASGI wiring: the proxy route on raw ASGI, operational endpoints on Starlette, and the
+lifespan that owns the upstream client and the session store."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import random
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route as StarletteRoute
+
+from sentinel_proxy.config import Config
+from sentinel_proxy.errors import error_body, error_headers
+from sentinel_proxy.exceptions import (
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    ProxyError,
+    Unauthorized,
+)
+from sentinel_proxy.proxy import Proxy
+from sentinel_proxy.relay import Receive, Send
+from sentinel_proxy.request import MAX_CONVERSATION_ID_LENGTH
+from sentinel_proxy.routing import Router
+from sentinel_proxy.sessions import CircuitBreaker, MemoryStore, RedisStore, SessionStore
+from sentinel_proxy.upstream import create_client
+
+logger = logging.getLogger("sentinel_proxy")
+
+StoreFactory = Callable[[Config, Router], SessionStore]
+
+
+def create_store(config: Config, router: Router) -> SessionStore:
+    settings = config.session
+
+    def accept(session: Any) -> bool:
+        return router.pinned(session.provider, session.model) is not None
+
+    if settings.redis_url is None:
+        return MemoryStore(
+            ttl_seconds=settings.ttl_seconds,
+            max_sessions=settings.memory_max_sessions,
+            accept=accept,
+        )
+    return RedisStore.from_url(
+        settings.redis_url.reveal(),
+        ttl_seconds=settings.ttl_seconds,
+        timeout=settings.timeout_seconds,
+        max_connections=settings.redis_max_connections,
+        breaker=CircuitBreaker(
+            failures=settings.breaker_failures, reset_seconds=settings.breaker_reset_seconds
+        ),
+        accept=accept,
+    )
+
+
+class _Runtime:
+    """What the lifespan builds and the routes use."""
+
+    proxy: Proxy | None = None
+    store: SessionStore | None = None
+
+
+def create_app(
+    config: Config,
+    *,
+    transport: httpx.AsyncBaseTransport | None = None,
+    store_factory: StoreFactory = create_store,
+    rand: Callable[[], float] = random.random,
+) -> Gateway:
+    runtime = _Runtime()
+    router = Router(config, rand=rand)
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = store_factory(config, router)
+        client = create_client(config.upstream, transport=transport)
+        try:
+            if not await store.ping():
+                logger.warning("the session store does not answer yet; /readyz reports it")
+            runtime.store = store
+            runtime.proxy = Proxy(config, router=router, store=store, client=client)
+            logger.info(
+                "sentinel-proxy ready: config=%s providers=%s store=%s",
+                config.source,
+                ",".join(p.name for p in config.providers),
+                type(store).__name__,
+            )
+            yield
+        finally:
+            runtime.proxy = None
+            await client.aclose()
+            await store.aclose()
+            runtime.store = None
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        store = runtime.store
+        if runtime.proxy is None or store is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        if await store.ping():
+            return JSONResponse({"status": "ready", "store": "ok"})
+        if config.session.on_store_error == "open":
+            return JSONResponse({"status": "ready", "store": "unreachable"})
+        return JSONResponse({"status": "unready", "store": "unreachable"}, status_code=503)
+
+    async def debug_session(request: Request) -> Response:
+        token = config.debug.token
+        supplied = request.headers.get("authorization", "")
+        expected = "Bearer " + (token.reveal() if token is not None else "")
+        if token is None or not hmac.compare_digest(supplied.encode(), expected.encode()):
+            raise Unauthorized("A valid debug token is required.")
+        conversation_id: str = request.path_params["conversation_id"]
+        if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH or not conversation_id.isprintable():
+            raise InvalidRequest("bad conversation id", param="conversation_id")
+        assert runtime.store is not None
+        if request.method == "DELETE":
+            deleted = await runtime.store.delete(conversation_id)
+            return JSONResponse({"id": conversation_id, "deleted": deleted})
+        session = await runtime.store.get(conversation_id)
+        if session is None:
+            raise NotFound(f"No session for conversation {conversation_id}.")
+        return Response(session.to_json(), media_type="application/json")
+
+    routes = [
+        StarletteRoute("/healthz", healthz, methods=["GET"]),
+        StarletteRoute("/readyz", readyz, methods=["GET"]),
+    ]
+    if config.debug.enabled:
+        routes.append(
+            StarletteRoute(
+                "/debug/session/{conversation_id:path}", debug_session, methods=["GET", "DELETE"]
+            )
+        )
+    starlette = Starlette(
+        routes=routes,
+        lifespan=lifespan,
+        exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error},
+    )
+    return Gateway(starlette, runtime)
+
+
+class Gateway:
+    """Sends /v1 straight to the proxy (raw ASGI, the hot path) and the rest to Starlette."""
+
+    def __init__(self, starlette: Starlette, runtime: _Runtime) -> None:
+        self.starlette = starlette
+        self._runtime = runtime
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path == "/v1" or path.startswith("/v1/"):
+                proxy = self._runtime.proxy
+                if proxy is None:
+                    raise RuntimeError("the proxy is served only inside the lifespan")
+                await proxy(scope, receive, send)
+                return
+        await self.starlette(scope, receive, send)  # type: ignore[arg-type]
+
+
+async def _proxy_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ProxyError)
+    body = error_body(exc)
+    headers = {k.decode(): v.decode() for k, v in error_headers(exc, body)}
+    return Response(body, status_code=exc.status_code, headers=headers)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    error: ProxyError
+    if exc.status_code == 404:
+        error = NotFound(f"No route for {request.url.path}; the API is under /v1.")
+    elif exc.status_code == 405:
+        error = MethodNotAllowed(f"{request.method} is not allowed on {request.url.path}.")
+    else:
+        error = InvalidRequest(str(exc.detail))
+    return await _proxy_error(request, error)

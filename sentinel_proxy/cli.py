@@ -1,0 +1,108 @@
+"""The `sentinel-proxy` command: load the configuration once, then run uvicorn."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from types import FrameType
+from typing import Any
+
+import orjson
+import uvicorn
+
+from sentinel_proxy import __version__
+from sentinel_proxy.app import Gateway, create_app
+from sentinel_proxy.config import LOG_LEVELS, Config, load_config
+from sentinel_proxy.exceptions import ConfigError
+from sentinel_proxy.logs import logging_config
+
+# Worker processes rebuild the configuration from the same inputs; the CLI flags reach
+# them through this variable.
+_OVERRIDES_ENV = "SENTINEL_CLI_OVERRIDES"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sentinel-proxy",
+        description="A session-sticky reverse proxy for OpenAI-compatible APIs. Clients use "
+        "http://HOST:PORT/v1 as their base URL.",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="PATH",
+        help="TOML configuration file (default: $SENTINEL_CONFIG; none: one provider at "
+        "$SENTINEL_UPSTREAM_URL and the in-memory session store)",
+    )
+    parser.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="port to listen on (default 8080)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default 1; more than one needs session.redis_url)",
+    )
+    parser.add_argument("--log-level", choices=LOG_LEVELS, help="log level (default info)")
+    parser.add_argument(
+        "--log-format", choices=("text", "json"), help="log line format (default text)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    try:
+        config = load_config(args.config, env=os.environ, overrides=overrides)
+    except ConfigError as exc:
+        print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
+        return 2
+    # uvicorn re-raises SIGTERM after its graceful shutdown; a drained stop is a clean exit.
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    server = config.server
+    app: Gateway | str
+    if server.workers > 1:
+        if args.config:
+            os.environ["SENTINEL_CONFIG"] = os.path.abspath(args.config)
+        os.environ[_OVERRIDES_ENV] = orjson.dumps(overrides).decode()
+        app = "sentinel_proxy.cli:worker_app"
+    else:
+        app = create_app(config)
+    uvicorn.run(
+        app,
+        factory=server.workers > 1,
+        host=server.host,
+        port=server.port,
+        workers=server.workers,
+        loop="uvloop",
+        http="httptools",
+        lifespan="on",
+        access_log=False,
+        log_config=logging_config(server.log_level, server.log_format),
+        log_level=server.log_level,
+        # The upstream's own Server and Date headers pass through; uvicorn's would double them.
+        server_header=False,
+        date_header=False,
+        timeout_graceful_shutdown=int(server.shutdown_grace_seconds),
+        backlog=4096,
+    )
+    return 0
+
+
+def worker_app() -> Gateway:
+    """The app of each worker process under `--workers N`."""
+    overrides: dict[str, Any] = orjson.loads(os.environ.get(_OVERRIDES_ENV, "{}"))
+    config: Config = load_config(None, env=os.environ, overrides=overrides)
+    return create_app(config)
+
+
+def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)

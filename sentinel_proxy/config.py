@@ -1,0 +1,413 @@
+"""
+Configuration: built once at start-up from the TOML file, the environment and the command
+line (in rising precedence), frozen afterwards. Nothing else in the package reads the
+environment.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+from sentinel_proxy.exceptions import ConfigError
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8080
+DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
+DEFAULT_PROVIDER_NAME = "openai"
+DEFAULT_SESSION_TTL = 86_400
+DEFAULT_SESSION_HEADER = "x-conversation-id"
+DEFAULT_STORE_TIMEOUT = 0.25
+DEFAULT_BREAKER_FAILURES = 5
+DEFAULT_BREAKER_RESET = 5.0
+DEFAULT_MEMORY_MAX_SESSIONS = 100_000
+DEFAULT_REDIS_MAX_CONNECTIONS = 256
+DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
+DEFAULT_CONNECT_TIMEOUT = 10.0
+# Generation can pause for minutes between tokens on large reasoning models.
+DEFAULT_READ_TIMEOUT = 600.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_SHUTDOWN_GRACE = 30.0
+
+LogFormat = Literal["text", "json"]
+StoreErrorMode = Literal["closed", "open"]
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+class Secret:
+    """A string that never shows itself in a repr, a log line or a traceback."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('********')"
+
+    __str__ = __repr__
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    name: str
+    base_url: str
+    # None: the client's own Authorization header goes upstream as it came.
+    api_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: str
+    model: str
+    weight: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Alias:
+    name: str
+    targets: tuple[Target, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+    workers: int = 1
+    log_level: str = "info"
+    log_format: LogFormat = "text"
+    shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE
+
+
+@dataclass(frozen=True, slots=True)
+class SessionConfig:
+    redis_url: Secret | None = None
+    ttl_seconds: int = DEFAULT_SESSION_TTL
+    header: str = DEFAULT_SESSION_HEADER
+    on_store_error: StoreErrorMode = "closed"
+    # The whole budget of one store call, pool wait included.
+    timeout_seconds: float = DEFAULT_STORE_TIMEOUT
+    breaker_failures: int = DEFAULT_BREAKER_FAILURES
+    breaker_reset_seconds: float = DEFAULT_BREAKER_RESET
+    redis_max_connections: int = DEFAULT_REDIS_MAX_CONNECTIONS
+    memory_max_sessions: int = DEFAULT_MEMORY_MAX_SESSIONS
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamConfig:
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    read_timeout: float = DEFAULT_READ_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+
+
+@dataclass(frozen=True, slots=True)
+class DebugConfig:
+    enabled: bool = False
+    token: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    providers: tuple[Provider, ...]
+    aliases: Mapping[str, Alias] = field(default_factory=dict)
+    server: ServerConfig = ServerConfig()
+    session: SessionConfig = SessionConfig()
+    upstream: UpstreamConfig = UpstreamConfig()
+    debug: DebugConfig = DebugConfig()
+    source: str = "defaults"
+
+    def provider(self, name: str) -> Provider | None:
+        for provider in self.providers:
+            if provider.name == name:
+                return provider
+        return None
+
+
+def load_config(
+    path: str | None = None,
+    *,
+    env: Mapping[str, str],
+    overrides: Mapping[str, Any] | None = None,
+) -> Config:
+    """Build the configuration, or raise ConfigError naming the offending key."""
+    path = path or env.get("SENTINEL_CONFIG") or None
+    raw = _read_toml(path) if path else {}
+    _only(raw, "", {"server", "session", "upstream", "providers", "models", "debug"})
+    server = _server(_table(raw, "server"), env, overrides or {})
+    session = _session(_table(raw, "session"), env)
+    providers = _providers(raw.get("providers"), env)
+    aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
+    config = Config(
+        providers=providers,
+        aliases=aliases,
+        server=server,
+        session=session,
+        upstream=_upstream(_table(raw, "upstream")),
+        debug=_debug(_table(raw, "debug")),
+        source=path or "defaults",
+    )
+    if session.redis_url is None and server.workers > 1:
+        raise ConfigError(
+            "server.workers",
+            f"{server.workers} workers need a shared session store: set session.redis_url "
+            "(the in-memory store lives in one process)",
+        )
+    return config
+
+
+def _read_toml(path: str) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as file:
+            return tomllib.load(file)
+    except OSError as exc:
+        raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
+
+
+def _table(raw: Mapping[str, Any], key: str) -> dict[str, Any]:
+    value = raw.get(key, {})
+    if not isinstance(value, dict):
+        raise ConfigError(key, "must be a table")
+    return value
+
+
+def _only(table: Mapping[str, Any], prefix: str, known: set[str]) -> None:
+    for key in table:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", f"unknown key (expected one of {sorted(known)})")
+
+
+def _server(raw: dict[str, Any], env: Mapping[str, str], cli: Mapping[str, Any]) -> ServerConfig:
+    _only(
+        raw,
+        "server.",
+        {"host", "port", "workers", "log_level", "log_format", "shutdown_grace_seconds"},
+    )
+    merged = {**raw}
+    if "SENTINEL_HOST" in env:
+        merged["host"] = env["SENTINEL_HOST"]
+    if "SENTINEL_PORT" in env:
+        merged["port"] = _env_int(env, "SENTINEL_PORT")
+    merged.update({k: v for k, v in cli.items() if v is not None})
+    host = _str(merged, "server.", "host", DEFAULT_HOST)
+    port = _int(merged, "server.", "port", DEFAULT_PORT, low=0, high=65535)
+    log_level = _str(merged, "server.", "log_level", "info").lower()
+    if log_level not in LOG_LEVELS:
+        raise ConfigError("server.log_level", f"must be one of {', '.join(LOG_LEVELS)}")
+    log_format = _str(merged, "server.", "log_format", "text")
+    if log_format not in ("text", "json"):
+        raise ConfigError("server.log_format", 'must be "text" or "json"')
+    return ServerConfig(
+        host=host,
+        port=port,
+        workers=_int(merged, "server.", "workers", 1, low=1),
+        log_level=log_level,
+        log_format=log_format,  # type: ignore[arg-type]
+        shutdown_grace_seconds=_float(
+            merged, "server.", "shutdown_grace_seconds", DEFAULT_SHUTDOWN_GRACE
+        ),
+    )
+
+
+def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
+    _only(
+        raw,
+        "session.",
+        {
+            "redis_url",
+            "ttl_seconds",
+            "header",
+            "on_store_error",
+            "timeout_seconds",
+            "breaker_failures",
+            "breaker_reset_seconds",
+            "redis_max_connections",
+            "memory_max_sessions",
+        },
+    )
+    merged = {**raw}
+    if env.get("SENTINEL_REDIS_URL"):
+        merged["redis_url"] = env["SENTINEL_REDIS_URL"]
+    if "SESSION_TTL_SECONDS" in env:
+        merged["ttl_seconds"] = _env_int(env, "SESSION_TTL_SECONDS")
+    redis_url = merged.get("redis_url")
+    if redis_url is not None:
+        redis_url = _str(merged, "session.", "redis_url", "")
+        scheme = urlsplit(redis_url).scheme
+        if scheme not in ("redis", "rediss", "unix"):
+            raise ConfigError("session.redis_url", "must be a redis://, rediss:// or unix:// URL")
+    header = _str(merged, "session.", "header", DEFAULT_SESSION_HEADER).lower()
+    if not header or not all(c.isalnum() or c == "-" for c in header):
+        raise ConfigError("session.header", "must be an HTTP header name")
+    mode = _str(merged, "session.", "on_store_error", "closed")
+    if mode not in ("closed", "open"):
+        raise ConfigError("session.on_store_error", 'must be "closed" or "open"')
+    return SessionConfig(
+        redis_url=Secret(redis_url) if redis_url else None,
+        ttl_seconds=_int(merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1),
+        header=header,
+        on_store_error=mode,  # type: ignore[arg-type]
+        timeout_seconds=_float(merged, "session.", "timeout_seconds", DEFAULT_STORE_TIMEOUT),
+        breaker_failures=_int(
+            merged, "session.", "breaker_failures", DEFAULT_BREAKER_FAILURES, low=1
+        ),
+        breaker_reset_seconds=_float(
+            merged, "session.", "breaker_reset_seconds", DEFAULT_BREAKER_RESET
+        ),
+        redis_max_connections=_int(
+            merged, "session.", "redis_max_connections", DEFAULT_REDIS_MAX_CONNECTIONS, low=1
+        ),
+        memory_max_sessions=_int(
+            merged, "session.", "memory_max_sessions", DEFAULT_MEMORY_MAX_SESSIONS, low=1
+        ),
+    )
+
+
+def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
+    if raw is None:
+        url = env.get("SENTINEL_UPSTREAM_URL") or DEFAULT_UPSTREAM_URL
+        return (Provider(DEFAULT_PROVIDER_NAME, _base_url("SENTINEL_UPSTREAM_URL", url)),)
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("providers", "must be a non-empty array of tables ([[providers]])")
+    providers: list[Provider] = []
+    for index, item in enumerate(raw):
+        prefix = f"providers[{index}]."
+        if not isinstance(item, dict):
+            raise ConfigError(f"providers[{index}]", "must be a table")
+        _only(item, prefix, {"name", "base_url", "api_key_env"})
+        name = _str(item, prefix, "name", None)
+        if any(p.name == name for p in providers):
+            raise ConfigError(f"{prefix}name", f"provider {name!r} is defined twice")
+        api_key = None
+        if "api_key_env" in item:
+            variable = _str(item, prefix, "api_key_env", None)
+            if not env.get(variable):
+                raise ConfigError(
+                    f"{prefix}api_key_env", f"environment variable {variable} is not set"
+                )
+            api_key = Secret(env[variable])
+        base_url = _base_url(f"{prefix}base_url", _str(item, prefix, "base_url", None))
+        providers.append(Provider(name=name, base_url=base_url, api_key=api_key))
+    return tuple(providers)
+
+
+def _base_url(key: str, url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(key, f"{url!r} is not an http:// or https:// URL")
+    if parts.query or parts.fragment:
+        raise ConfigError(key, "must not have a query string or fragment")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port lazily
+    except ValueError as exc:
+        raise ConfigError(key, f"{url!r} has a bad port") from exc
+    return url.rstrip("/")
+
+
+def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
+    aliases: dict[str, Alias] = {}
+    for name, table in raw.items():
+        prefix = f"models.{name}."
+        if not isinstance(table, dict):
+            raise ConfigError(f"models.{name}", "must be a table with a targets array")
+        _only(table, prefix, {"targets"})
+        targets_raw = table.get("targets")
+        if not isinstance(targets_raw, list) or not targets_raw:
+            raise ConfigError(f"{prefix}targets", "must be a non-empty array")
+        targets: list[Target] = []
+        for index, item in enumerate(targets_raw):
+            key = f"{prefix}targets[{index}]."
+            if not isinstance(item, dict):
+                raise ConfigError(f"{prefix}targets[{index}]", "must be a table")
+            _only(item, key, {"provider", "model", "weight"})
+            provider = _str(item, key, "provider", None)
+            if provider not in providers:
+                raise ConfigError(f"{key}provider", f"unknown provider {provider!r}")
+            model = _str(item, key, "model", None)
+            weight = _int(item, key, "weight", 1, low=1)
+            targets.append(Target(provider=provider, model=model, weight=weight))
+        aliases[name] = Alias(name=name, targets=tuple(targets))
+    return aliases
+
+
+def _upstream(raw: dict[str, Any]) -> UpstreamConfig:
+    _only(
+        raw, "upstream.", {"connect_timeout", "read_timeout", "max_connections", "max_body_bytes"}
+    )
+    return UpstreamConfig(
+        connect_timeout=_float(raw, "upstream.", "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
+        read_timeout=_float(raw, "upstream.", "read_timeout", DEFAULT_READ_TIMEOUT),
+        max_connections=_int(raw, "upstream.", "max_connections", DEFAULT_MAX_CONNECTIONS, low=1),
+        max_body_bytes=_int(raw, "upstream.", "max_body_bytes", DEFAULT_MAX_BODY_BYTES, low=1),
+    )
+
+
+def _debug(raw: dict[str, Any]) -> DebugConfig:
+    _only(raw, "debug.", {"enabled", "token"})
+    enabled = raw.get("enabled", False)
+    if not isinstance(enabled, bool):
+        raise ConfigError("debug.enabled", "must be true or false")
+    if not enabled:
+        return DebugConfig()
+    token = raw.get("token")
+    if not isinstance(token, str) or len(token) < 16:
+        raise ConfigError("debug.token", "must be a string of at least 16 characters when enabled")
+    return DebugConfig(enabled=True, token=Secret(token))
+
+
+def _str(raw: Mapping[str, Any], prefix: str, key: str, default: str | None) -> str:
+    value = raw.get(key, default)
+    if value is None:
+        raise ConfigError(f"{prefix}{key}", "is required")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{prefix}{key}", "must be a non-empty string")
+    return value
+
+
+def _int(
+    raw: Mapping[str, Any],
+    prefix: str,
+    key: str,
+    default: int,
+    *,
+    low: int,
+    high: int | None = None,
+) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{prefix}{key}", "must be an integer")
+    if value < low or (high is not None and value > high):
+        bounds = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{prefix}{key}", f"must be {bounds}, got {value}")
+    return value
+
+
+def _float(raw: Mapping[str, Any], prefix: str, key: str, default: float) -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{prefix}{key}", "must be a number of seconds")
+    if not math.isfinite(value) or value <= 0:
+        raise ConfigError(f"{prefix}{key}", f"must be positive, got {value}")
+    return float(value)
+
+
+def _env_int(env: Mapping[str, str], name: str) -> int:
+    try:
+        return int(env[name])
+    except ValueError as exc:
+        raise ConfigError(name, f"must be an integer, got {env[name]!r}") from exc

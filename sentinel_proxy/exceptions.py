@@ -1,0 +1,96 @@
+"""
+The errors sentinel-proxy raises, translated from lower libraries at each seam.
+
+    SentinelError
+    ├── ConfigError              start-up stops: one line, exit code 2
+    └── ProxyError               answered to the client in the OpenAI error shape
+        ├── InvalidRequest       400
+        ├── RequestTooLarge      413
+        ├── Unauthorized         401 (debug endpoints)
+        ├── NotFound             404
+        ├── MethodNotAllowed     405
+        ├── StoreUnavailable     503 + Retry-After (session store down, slow or circuit open)
+        └── UpstreamError
+            ├── UpstreamUnavailable  502 (refused, reset or broken before the response)
+            └── UpstreamTimeout      504
+
+`redis.*` never passes the session store and `httpx.*` never passes the upstream client:
+both are re-raised as the errors above with `raise ... from exc`.
+"""
+
+from __future__ import annotations
+
+
+class SentinelError(Exception):
+    """Base class of every error of sentinel-proxy."""
+
+
+class ConfigError(SentinelError):
+    """The configuration is unusable: `key` names where, the message says what."""
+
+    def __init__(self, key: str, problem: str) -> None:
+        super().__init__(f"{key}: {problem}")
+        self.key = key
+        self.problem = problem
+
+
+class ProxyError(SentinelError):
+    """An error answered to the client; the class fixes status, type and code."""
+
+    status_code = 500
+    error_type = "server_error"
+    code = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ProxyError):
+    status_code = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class RequestTooLarge(ProxyError):
+    status_code = 413
+    error_type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class Unauthorized(ProxyError):
+    status_code = 401
+    error_type = "invalid_request_error"
+    code = "unauthorized"
+
+
+class NotFound(ProxyError):
+    status_code = 404
+    error_type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(ProxyError):
+    status_code = 405
+    error_type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class StoreUnavailable(ProxyError):
+    status_code = 503
+    code = "session_store_unavailable"
+
+
+class UpstreamError(ProxyError):
+    status_code = 502
+    code = "upstream_error"
+
+
+class UpstreamUnavailable(UpstreamError):
+    code = "upstream_unreachable"
+
+
+class UpstreamTimeout(UpstreamError):
+    status_code = 504
+    code = "upstream_timeout"

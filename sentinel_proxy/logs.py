@@ -1,0 +1,69 @@
+"""Logging: one line per proxied request, as text or JSON, with uvicorn's own loggers
+formatted the same way."""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import orjson
+
+from sentinel_proxy.config import LogFormat
+
+access_logger = logging.getLogger("sentinel_proxy.access")
+
+
+def access_log(fields: dict[str, Any]) -> None:
+    access_logger.info("request", extra={"fields": fields})
+
+
+class TextFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if fields:
+            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+        return line
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if fields:
+            entry.update(fields)
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry, default=str).decode()
+
+
+def logging_config(level: str, fmt: LogFormat) -> dict[str, Any]:
+    """A dictConfig for our loggers and uvicorn's; uvicorn applies it in every worker."""
+    formatter = JsonFormatter if fmt == "json" else TextFormatter
+    handler = {
+        "class": "logging.StreamHandler",
+        "formatter": "default",
+        "stream": "ext://sys.stderr",
+    }
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": {"()": f"{formatter.__module__}.{formatter.__qualname__}"}},
+        "handlers": {"default": handler},
+        "loggers": {
+            "sentinel_proxy": {"handlers": ["default"], "level": level.upper(), "propagate": False},
+            "uvicorn": {"handlers": ["default"], "level": level.upper(), "propagate": False},
+            "uvicorn.error": {"level": level.upper()},
+            "uvicorn.access": {"handlers": [], "propagate": False},
+        },
+    }

@@ -1,0 +1,173 @@
+"""The proxy route: the one place that knows the whole flow of a request.
+
+read the request → find or create its session → route → rewrite → send upstream →
+relay the response back, with errors answered in the OpenAI shape."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from typing import Any
+
+import httpx
+
+from sentinel_proxy import upstream
+from sentinel_proxy.config import Config
+from sentinel_proxy.errors import send_error
+from sentinel_proxy.exceptions import InvalidRequest, ProxyError, StoreUnavailable
+from sentinel_proxy.logs import access_log
+from sentinel_proxy.relay import DisconnectWatcher, Receive, Send, relay
+from sentinel_proxy.request import ClientDisconnected, InboundRequest, read_request
+from sentinel_proxy.rewrite import Rewriter
+from sentinel_proxy.routing import Route, Router
+from sentinel_proxy.sessions import Session, SessionStore
+
+logger = logging.getLogger("sentinel_proxy.proxy")
+
+HIT, CREATED, NONE, DEGRADED = "hit", "created", "none", "degraded"
+
+
+class Proxy:
+    """An ASGI app for everything under /v1."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        router: Router,
+        store: SessionStore,
+        client: httpx.AsyncClient,
+    ) -> None:
+        self._router = router
+        self._store = store
+        self._client = client
+        self._rewriter = Rewriter(config)
+        self._max_body = config.upstream.max_body_bytes
+        self._id_header = config.session.header.encode()
+        self._fail_open = config.session.on_store_error == "open"
+
+    async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
+        started = time.perf_counter()
+        fields: dict[str, Any] = {
+            "request_id": os.urandom(8).hex(),
+            "method": scope["method"],
+            "path": scope["path"],
+        }
+        status = 0
+        try:
+            status = await self._serve(scope, receive, send, fields)
+        except ProxyError as exc:
+            status = exc.status_code
+            fields["error"] = exc.code
+            await send_error(send, exc, extra_headers=_outcome_headers(fields))
+        except ClientDisconnected:
+            fields["error"] = "client_disconnected"
+        finally:
+            fields["status"] = status
+            fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
+            access_log(fields)
+
+    async def _serve(
+        self, scope: dict[str, Any], receive: Receive, send: Send, fields: dict[str, Any]
+    ) -> int:
+        inbound = await read_request(
+            scope, receive, max_body_bytes=self._max_body, id_header=self._id_header
+        )
+        fields["conversation_id"] = inbound.conversation_id
+        route, outcome = await self._route(inbound)
+        fields["provider"] = route.provider.name
+        fields["model"] = route.model or inbound.model
+        fields["session"] = outcome
+        request = self._rewriter.build(inbound, route)
+        watcher = DisconnectWatcher(receive)
+        try:
+            sent = time.perf_counter()
+            response = await upstream.send(self._client, request)
+            fields["upstream_ms"] = round((time.perf_counter() - sent) * 1000, 2)
+            try:
+                await relay(
+                    response,
+                    send,
+                    extra_headers=_outcome_headers(fields),
+                    before_end=watcher.stop,
+                )
+            except ProxyError as exc:
+                # The response has started: all that is left is to cut the connection, so
+                # the client sees a truncated body rather than a complete-looking one.
+                fields["error"] = exc.code
+                logger.warning("upstream broke off the response: %s", exc.message)
+                return response.status_code
+            finally:
+                await response.aclose()
+            return response.status_code
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if watcher.fired and task is not None and task.uncancel() == 0:
+                fields["error"] = "client_disconnected"
+                return 499
+            raise
+        finally:
+            watcher.stop()
+
+    async def _route(self, inbound: InboundRequest) -> tuple[Route, str]:
+        if inbound.payload is None:
+            return self._router.default, NONE
+        model = inbound.model
+        if model is None and (inbound.needs_model or inbound.conversation_id is not None):
+            raise InvalidRequest("model field is required", param="model")
+        route = self._router.select(model)
+        if inbound.conversation_id is None:
+            return route, NONE
+        assert model is not None
+        candidate = Session(
+            id=inbound.conversation_id,
+            provider=route.provider.name,
+            model=route.model or model,
+            created_at=int(time.time()),
+        )
+        try:
+            session, created = await self._store.get_or_create(candidate)
+        except StoreUnavailable:
+            if not self._fail_open:
+                raise
+            logger.warning(
+                "session store unavailable; routing conversation %s without stickiness",
+                candidate.id,
+            )
+            return route, DEGRADED
+        if created:
+            logger.debug("session miss for conversation %s", session.id)
+            logger.info(
+                "Created new session for conversation %s: provider=%s model=%s",
+                session.id,
+                session.provider,
+                session.model,
+            )
+            return Route(route.provider, session.model), CREATED
+        pinned = self._router.pinned(session.provider, session.model)
+        assert pinned is not None  # the store only returns sessions the router accepts
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug("session hit for conversation %s", session.id)
+            if model != session.model:
+                logger.debug(
+                    "conversation %s asked for model %s; pinned to %s",
+                    session.id,
+                    model,
+                    session.model,
+                )
+        return pinned, HIT
+
+
+def _outcome_headers(fields: dict[str, Any]) -> list[tuple[bytes, bytes]]:
+    headers = [(b"x-sentinel-request-id", fields["request_id"].encode())]
+    for name, key in (
+        (b"x-sentinel-provider", "provider"),
+        (b"x-sentinel-model", "model"),
+        (b"x-sentinel-session", "session"),
+    ):
+        value = fields.get(key)
+        if value:
+            headers.append((name, value.encode()))
+    return headers

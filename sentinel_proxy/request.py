@@ -1,0 +1,153 @@
+"""Reading a client request: the body under its size cap, the JSON payload, the
+conversation id and the requested model."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from sentinel_proxy.exceptions import InvalidRequest, RequestTooLarge
+
+MAX_CONVERSATION_ID_LENGTH = 256
+BODY_FIELD = "conversation_id"
+# Endpoints that cannot be routed without a model: a request to them must name one.
+MODEL_PATHS = frozenset(
+    {b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses"}
+)
+
+
+class ClientDisconnected(Exception):
+    """The client went away before its request was read."""
+
+
+@dataclass(slots=True)
+class InboundRequest:
+    method: str
+    raw_path: bytes
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body: bytes
+    # The JSON object of a JSON POST body; None for every other request, which goes
+    # upstream byte for byte.
+    payload: dict[str, Any] | None
+    conversation_id: str | None
+    model: str | None
+    # Whether conversation_id came in the body (then the body is re-encoded without it).
+    id_in_body: bool = False
+
+    @property
+    def needs_model(self) -> bool:
+        return self.raw_path.rstrip(b"/") in MODEL_PATHS
+
+
+async def read_request(
+    scope: dict[str, Any], receive: Any, *, max_body_bytes: int, id_header: bytes
+) -> InboundRequest:
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    content_type = b""
+    header_id: bytes | None = None
+    encoded = False
+    for name, value in headers:
+        if name == b"content-length":
+            if value.isdigit() and int(value) > max_body_bytes:
+                raise _too_large(max_body_bytes)
+        elif name == b"content-type":
+            content_type = value
+        elif name == id_header:
+            header_id = value
+        elif name == b"content-encoding":
+            encoded = True
+    body = await _read_body(receive, max_body_bytes)
+    method: str = scope["method"]
+    conversation_id = None if header_id is None else _header_conversation_id(header_id, id_header)
+    request = InboundRequest(
+        method=method,
+        raw_path=scope.get("raw_path") or scope["path"].encode(),
+        query=scope.get("query_string", b""),
+        headers=headers,
+        body=body,
+        payload=None,
+        conversation_id=conversation_id,
+        model=None,
+    )
+    if method == "POST" and not encoded and _is_json(content_type):
+        _read_payload(request)
+    return request
+
+
+def _read_payload(request: InboundRequest) -> None:
+    try:
+        payload = orjson.loads(request.body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from exc
+    if not isinstance(payload, dict):
+        raise InvalidRequest("The JSON body of your request must be an object.")
+    request.payload = payload
+    body_id = payload.get(BODY_FIELD)
+    if BODY_FIELD in payload:
+        request.id_in_body = True
+    if body_id is not None:
+        _check_conversation_id(body_id)
+        if request.conversation_id is not None and request.conversation_id != body_id:
+            raise InvalidRequest(
+                "The conversation id in the body and in the header differ.", param=BODY_FIELD
+            )
+        request.conversation_id = body_id
+    model = payload.get("model")
+    if model is not None and (not isinstance(model, str) or not model):
+        raise InvalidRequest("model must be a non-empty string.", param="model")
+    request.model = model
+
+
+async def _read_body(receive: Any, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _is_json(content_type: bytes) -> bool:
+    media = content_type.split(b";", 1)[0].strip().lower()
+    return media == b"application/json" or media.endswith(b"+json")
+
+
+def _check_conversation_id(value: object) -> str:
+    if (
+        not isinstance(value, str)
+        or not value
+        or len(value) > MAX_CONVERSATION_ID_LENGTH
+        or not value.isprintable()
+    ):
+        raise InvalidRequest(
+            f"conversation_id must be a non-empty string of at most "
+            f"{MAX_CONVERSATION_ID_LENGTH} printable characters.",
+            param=BODY_FIELD,
+        )
+    return value
+
+
+def _header_conversation_id(value: bytes, header: bytes) -> str:
+    try:
+        return _check_conversation_id(value.decode("ascii").strip())
+    except (UnicodeDecodeError, InvalidRequest) as exc:
+        raise InvalidRequest(
+            f"The {header.decode()} header must be a non-empty string of at most "
+            f"{MAX_CONVERSATION_ID_LENGTH} printable characters.",
+            param=header.decode(),
+        ) from exc
+
+
+def _too_large(limit: int) -> RequestTooLarge:
+    return RequestTooLarge(f"The request body is larger than the limit of {limit} bytes.")

@@ -1,0 +1,85 @@
+"""Rewriting a client request into the upstream one: URL and credentials from the
+configuration only, the `model` field from the route, the conversation id stripped."""
+
+from __future__ import annotations
+
+import httpx
+import orjson
+
+from sentinel_proxy.config import Config
+from sentinel_proxy.request import BODY_FIELD, InboundRequest
+from sentinel_proxy.routing import Route
+
+# RFC 9110 section 7.6.1, plus the fields a proxy sets itself (host, content-length) and
+# the ones that only make sense on the client's own connection.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"proxy-connection",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+    }
+)
+_REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+_PREFIX = b"/v1"
+
+
+def filter_headers(
+    headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = HOP_BY_HOP
+) -> list[tuple[bytes, bytes]]:
+    """The headers less hop-by-hop ones, including those the Connection header names."""
+    named: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            named.update(token.strip().lower() for token in value.split(b","))
+    return [(n, v) for n, v in headers if n.lower() not in drop and n.lower() not in named]
+
+
+class Rewriter:
+    """Built once from the configuration; `build` does the per-request part."""
+
+    def __init__(self, config: Config) -> None:
+        self._drop = _REQUEST_DROP | {config.session.header.encode()}
+        self._auth = {
+            p.name: (b"authorization", b"Bearer " + p.api_key.reveal().encode())
+            for p in config.providers
+            if p.api_key is not None
+        }
+
+    def build(self, inbound: InboundRequest, route: Route) -> httpx.Request:
+        drop = self._drop
+        auth = self._auth.get(route.provider.name)
+        if auth is not None:
+            drop = drop | {b"authorization"}
+        headers = filter_headers(inbound.headers, drop)
+        if auth is not None:
+            headers.append(auth)
+        path = inbound.raw_path
+        if path == _PREFIX or path.startswith(_PREFIX + b"/"):
+            path = path[len(_PREFIX) :]
+        url = route.provider.base_url + path.decode("latin-1")
+        if inbound.query:
+            url += "?" + inbound.query.decode("latin-1")
+        return httpx.Request(
+            inbound.method, url, headers=headers, content=rewrite_body(inbound, route)
+        )
+
+
+def rewrite_body(inbound: InboundRequest, route: Route) -> bytes:
+    """The body to send: the client's bytes untouched unless the model changes or the
+    conversation id has to come out."""
+    payload = inbound.payload
+    if payload is None:
+        return inbound.body
+    model_changes = route.model is not None and payload.get("model") != route.model
+    if not model_changes and not inbound.id_in_body:
+        return inbound.body
+    payload.pop(BODY_FIELD, None)
+    if model_changes:
+        payload["model"] = route.model
+    return orjson.dumps(payload)
