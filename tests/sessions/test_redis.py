@@ -1,0 +1,207 @@
+"""The Redis store against a real redis-server started by the fixtures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator
+
+import orjson
+import pytest
+
+from sentinel_proxy.exceptions import StoreUnavailable
+from sentinel_proxy.sessions import CircuitBreaker, RedisStore, Session
+from tests.support.redis_server import RedisServer
+
+BUDGET = 0.2
+
+
+def make_store(url: str, *, ttl: int = 100, failures: int = 3, **kw: object) -> RedisStore:
+    return RedisStore.from_url(
+        url,
+        ttl_seconds=ttl,
+        timeout=BUDGET,
+        max_connections=64,
+        breaker=CircuitBreaker(failures=failures, reset_seconds=0.3),
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[RedisStore]:
+    store = make_store(redis_url)
+    yield store
+    await store.aclose()
+
+
+def session(cid: str, provider: str = "a", model: str = "m") -> Session:
+    return Session(cid, provider, model, int(time.time()))
+
+
+async def test_first_request_stores_the_session_as_json_with_the_ttl(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    created, is_new = await store.get_or_create(session("c1", "a", "m-a"))
+    assert is_new and created.provider == "a"
+    with redis_server.client() as r:
+        stored = orjson.loads(r.get("sentinel:session:c1"))
+        ttl = r.ttl("sentinel:session:c1")
+    assert stored == {
+        "id": "c1",
+        "provider": "a",
+        "model": "m-a",
+        "external_id": None,
+        "created_at": created.created_at,
+    }
+    assert 90 < ttl <= 100
+
+
+async def test_hit_returns_the_stored_session_and_renews_its_ttl(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    await store.get_or_create(session("c1", "a", "m-a"))
+    with redis_server.client() as r:
+        r.expire("sentinel:session:c1", 5)
+    found, is_new = await store.get_or_create(session("c1", "b", "m-b"))
+    assert not is_new and (found.provider, found.model) == ("a", "m-a")
+    with redis_server.client() as r:
+        assert r.ttl("sentinel:session:c1") > 90
+
+
+async def test_fifty_concurrent_first_requests_agree_on_one_session(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    candidates = [session("race", random.choice("abcdef"), f"m{i}") for i in range(50)]
+    results = await asyncio.gather(*(store.get_or_create(c) for c in candidates))
+    assert len({(s.provider, s.model) for s, _ in results}) == 1
+    assert sum(created for _, created in results) == 1
+    with redis_server.client() as r:
+        assert r.keys("sentinel:session:*") == [b"sentinel:session:race"]
+        stored = orjson.loads(r.get("sentinel:session:race"))
+    assert (stored["provider"], stored["model"]) == (results[0][0].provider, results[0][0].model)
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[1, 2]",
+        b'{"id": "c1", "provider": "a"}',
+        b'{"id": "other", "provider": "a", "model": "m", "external_id": null, "created_at": 1}',
+    ],
+)
+async def test_unusable_stored_value_is_a_miss_and_is_overwritten(
+    store: RedisStore, redis_server: RedisServer, raw: bytes
+) -> None:
+    with redis_server.client() as r:
+        r.set("sentinel:session:c1", raw)
+    found, is_new = await store.get_or_create(session("c1", "b", "m-b"))
+    assert is_new and found.provider == "b"
+    with redis_server.client() as r:
+        assert orjson.loads(r.get("sentinel:session:c1"))["provider"] == "b"
+        assert r.ttl("sentinel:session:c1") > 90
+
+
+async def test_session_of_a_removed_provider_is_replaced(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    store = make_store(redis_url, accept=lambda s: s.provider != "gone")
+    try:
+        await store.get_or_create(session("c1", "gone"))
+        found, is_new = await store.get_or_create(session("c1", "a"))
+    finally:
+        await store.aclose()
+    assert is_new and found.provider == "a"
+
+
+async def test_get_and_delete(store: RedisStore) -> None:
+    await store.get_or_create(session("c1", "a"))
+    found = await store.get("c1")
+    assert found is not None and found.provider == "a"
+    assert await store.delete("c1")
+    assert await store.get("c1") is None
+    assert not await store.delete("c1")
+
+
+async def test_redis_down_fails_within_budget_then_breaker_opens_then_recovers(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    store = make_store(redis_url, failures=2)
+    try:
+        redis_server.stop()
+        for _ in range(2):
+            started = time.monotonic()
+            with pytest.raises(StoreUnavailable):
+                await store.get_or_create(session("c1"))
+            assert time.monotonic() - started < 1.0
+        assert store.breaker.state == "open"
+        with pytest.raises(StoreUnavailable, match="circuit open"):
+            await store.get_or_create(session("c1"))
+        assert not await store.ping()
+        redis_server.start()
+        # The breaker lets a trial through once its reset time has passed; poll for it.
+        deadline = time.monotonic() + 5
+        while True:
+            try:
+                found, _ = await store.get_or_create(session("c1"))
+                break
+            except StoreUnavailable:
+                assert time.monotonic() < deadline, "the store never recovered"
+                await asyncio.sleep(0.05)
+        assert found.id == "c1" and store.breaker.state == "closed"
+    finally:
+        redis_server.ensure_running()
+        await store.aclose()
+
+
+async def test_black_holed_redis_costs_at_most_the_budget(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    store = make_store(redis_url)
+    try:
+        await store.get_or_create(session("warm"))  # a pooled connection exists
+        redis_server.pause()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="in time"):
+            await store.get_or_create(session("c1"))
+        assert time.monotonic() - started < BUDGET + 0.5
+    finally:
+        redis_server.resume()
+        await store.aclose()
+
+
+async def test_cancelled_commands_never_hand_their_reply_to_another_request(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """CVE-2023-28858/28859: many sessions with distinct providers, a share of the callers
+    cancelled at random points; every call that completes gets its own session."""
+    store = make_store(redis_url)
+    ids = [f"conv-{i}" for i in range(200)]
+    try:
+        for cid in ids:
+            await store.get_or_create(session(cid, f"provider-{cid}", f"model-{cid}"))
+        rng = random.Random(7)
+        completed = 0
+        for _ in range(5):
+            tasks = []
+            for cid in ids:
+                task = asyncio.ensure_future(store.get_or_create(session(cid, "wrong", "wrong")))
+                tasks.append((cid, task))
+            for _, task in rng.sample(tasks, len(tasks) // 3):
+                asyncio.get_running_loop().call_later(rng.random() * 0.003, task.cancel)
+            await asyncio.gather(*(t for _, t in tasks), return_exceptions=True)
+            for cid, task in tasks:
+                if task.cancelled():
+                    continue
+                found, created = task.result()
+                assert (found.id, found.provider, found.model, created) == (
+                    cid,
+                    f"provider-{cid}",
+                    f"model-{cid}",
+                    False,
+                )
+                completed += 1
+        assert completed >= len(ids) * 5 // 2
+    finally:
+        await store.aclose()

@@ -1,0 +1,165 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sentinel_proxy.config import (
+    DEFAULT_UPSTREAM_URL,
+    Config,
+    Secret,
+    load_config,
+)
+from sentinel_proxy.exceptions import ConfigError
+
+FULL = """
+[server]
+host = "0.0.0.0"
+port = 9000
+
+[session]
+redis_url = "redis://127.0.0.1:6390/0"
+ttl_seconds = 600
+header = "X-Conv"
+on_store_error = "open"
+
+[[providers]]
+name = "openai"
+base_url = "https://api.openai.com/v1/"
+api_key_env = "OPENAI_API_KEY"
+
+[[providers]]
+name = "local"
+base_url = "http://127.0.0.1:11434/v1"
+
+[models.fast]
+targets = [
+  { provider = "openai", model = "gpt-4o-mini", weight = 3 },
+  { provider = "local",  model = "llama3.1" },
+]
+"""
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "sentinel.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_defaults_without_any_config() -> None:
+    config = load_config(None, env={})
+    assert [p.name for p in config.providers] == ["openai"]
+    assert config.providers[0].base_url == DEFAULT_UPSTREAM_URL
+    assert config.providers[0].api_key is None
+    assert (config.server.host, config.server.port) == ("127.0.0.1", 8080)
+    assert config.session.redis_url is None
+    assert config.session.ttl_seconds == 86400
+    assert config.session.on_store_error == "closed"
+
+
+def test_full_file(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL), env={"OPENAI_API_KEY": "sk-secret"})
+    assert config.server.port == 9000
+    assert config.session.header == "x-conv"
+    assert config.session.ttl_seconds == 600
+    assert config.providers[0].base_url == "https://api.openai.com/v1"
+    assert config.providers[0].api_key == Secret("sk-secret")
+    fast = config.aliases["fast"]
+    assert [(t.provider, t.model, t.weight) for t in fast.targets] == [
+        ("openai", "gpt-4o-mini", 3),
+        ("local", "llama3.1", 1),
+    ]
+
+
+def test_environment_overrides_the_file_and_flags_override_both(tmp_path: Path) -> None:
+    env = {
+        "OPENAI_API_KEY": "k",
+        "SENTINEL_CONFIG": write(tmp_path, FULL),
+        "SENTINEL_PORT": "9100",
+        "SENTINEL_HOST": "127.0.0.2",
+        "SENTINEL_REDIS_URL": "redis://10.0.0.1:6379/1",
+        "SESSION_TTL_SECONDS": "30",
+    }
+    config = load_config(None, env=env, overrides={"port": 9200, "host": None})
+    assert config.server.port == 9200
+    assert config.server.host == "127.0.0.2"
+    assert config.session.ttl_seconds == 30
+    assert config.session.redis_url == Secret("redis://10.0.0.1:6379/1")
+
+
+def test_upstream_url_from_environment() -> None:
+    config = load_config(None, env={"SENTINEL_UPSTREAM_URL": "http://127.0.0.1:9999/v1/"})
+    assert config.providers[0].base_url == "http://127.0.0.1:9999/v1"
+
+
+def test_secrets_never_show_in_repr(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, FULL), env={"OPENAI_API_KEY": "sk-very-secret"})
+    assert "sk-very-secret" not in repr(config)
+    assert "6390" not in repr(config.session)  # the Redis URL may hold a password
+    assert config.providers[0].api_key is not None
+    assert config.providers[0].api_key.reveal() == "sk-very-secret"
+
+
+def test_config_is_frozen() -> None:
+    config = load_config(None, env={})
+    with pytest.raises(AttributeError):
+        config.server.port = 1  # type: ignore[misc]
+    assert isinstance(config, Config)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key", "words"),
+    [
+        (
+            '[models.x]\ntargets = [{provider = "nope", model = "m"}]',
+            {},
+            "models.x.targets[0].provider",
+            "unknown provider",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "ftp://x"',
+            {},
+            "providers[0].base_url",
+            "not an http",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x:99999"',
+            {},
+            "providers[0].base_url",
+            "bad port",
+        ),
+        ("[session]\nttl_seconds = -1", {}, "session.ttl_seconds", "at least 1"),
+        ('[session]\non_store_error = "maybe"', {}, "session.on_store_error", "closed"),
+        ('[session]\nredis_url = "http://x"', {}, "session.redis_url", "redis://"),
+        ("[sesion]\nttl_seconds = 1", {}, "sesion", "unknown key"),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\napi_key_env = "K"',
+            {},
+            "providers[0].api_key_env",
+            "K is not set",
+        ),
+        ('[debug]\nenabled = true\ntoken = "short"', {}, "debug.token", "16"),
+        ("not = [toml", {}, "config", "not valid TOML"),
+        ("", {"SESSION_TTL_SECONDS": "day"}, "SESSION_TTL_SECONDS", "integer"),
+    ],
+)
+def test_bad_config_names_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_unreadable_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read /nonexistent.toml"):
+        load_config("/nonexistent.toml", env={})
+
+
+def test_memory_store_refuses_several_workers() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(None, env={}, overrides={"workers": 2})
+    assert info.value.key == "server.workers"
+    config = load_config(None, env={"SENTINEL_REDIS_URL": "redis://x"}, overrides={"workers": 2})
+    assert config.server.workers == 2

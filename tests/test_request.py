@@ -1,0 +1,143 @@
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from sentinel_proxy.exceptions import InvalidRequest, RequestTooLarge
+from sentinel_proxy.request import ClientDisconnected, read_request
+
+HEADER = b"x-conversation-id"
+
+
+def scope(headers: list[tuple[bytes, bytes]], method: str = "POST") -> dict[str, Any]:
+    return {
+        "type": "http",
+        "method": method,
+        "path": "/v1/chat/completions",
+        "raw_path": b"/v1/chat/completions",
+        "query_string": b"",
+        "headers": headers,
+    }
+
+
+def receiver(*chunks: bytes) -> Any:
+    messages = [
+        {"type": "http.request", "body": c, "more_body": i < len(chunks) - 1}
+        for i, c in enumerate(chunks)
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    return receive
+
+
+JSON = [(b"content-type", b"application/json")]
+
+
+async def read(body: bytes, headers: list[tuple[bytes, bytes]] = JSON, **kw: Any) -> Any:
+    return await read_request(
+        scope(headers, **kw), receiver(body), max_body_bytes=100, id_header=HEADER
+    )
+
+
+async def test_json_body_with_conversation_id() -> None:
+    request = await read(b'{"model": "m", "conversation_id": "c1"}')
+    assert request.payload == {"model": "m", "conversation_id": "c1"}
+    assert (request.conversation_id, request.model, request.id_in_body) == ("c1", "m", True)
+
+
+async def test_header_conversation_id() -> None:
+    request = await read(b'{"model": "m"}', JSON + [(HEADER, b"c2")])
+    assert request.conversation_id == "c2"
+    assert not request.id_in_body
+
+
+async def test_same_id_in_both_places_is_fine_but_different_is_400() -> None:
+    request = await read(b'{"model": "m", "conversation_id": "c"}', JSON + [(HEADER, b"c")])
+    assert request.conversation_id == "c"
+    with pytest.raises(InvalidRequest, match="differ"):
+        await read(b'{"model": "m", "conversation_id": "c"}', JSON + [(HEADER, b"d")])
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"conversation_id": 5}',
+        b'{"conversation_id": ""}',
+        b'{"conversation_id": "a\\nb"}',
+        b'{"conversation_id": ["x"]}',
+        b'{"conversation_id": "' + b"x" * 257 + b'"}',
+    ],
+)
+async def test_bad_conversation_id(body: bytes) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await read_request(scope(JSON), receiver(body), max_body_bytes=1000, id_header=HEADER)
+    assert info.value.param == "conversation_id"
+
+
+async def test_null_conversation_id_means_none() -> None:
+    request = await read(b'{"model": "m", "conversation_id": null}')
+    assert request.conversation_id is None
+    assert request.id_in_body  # still stripped before going upstream
+
+
+async def test_bad_header_conversation_id() -> None:
+    with pytest.raises(InvalidRequest):
+        await read(b'{"model": "m"}', JSON + [(HEADER, b"\xff\xfe")])
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b""])
+async def test_malformed_or_non_object_json_is_400(body: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        await read(body)
+
+
+async def test_model_must_be_a_string() -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await read(b'{"model": 4}')
+    assert info.value.param == "model"
+
+
+async def test_non_json_bodies_are_not_parsed() -> None:
+    request = await read(b"{not json", [(b"content-type", b"text/plain")])
+    assert request.payload is None and request.body == b"{not json"
+    gzipped = await read(b"\x1f\x8b", JSON + [(b"content-encoding", b"gzip")])
+    assert gzipped.payload is None
+
+
+async def test_get_is_not_parsed() -> None:
+    request = await read(b"", method="GET")
+    assert request.payload is None
+
+
+async def test_body_in_chunks() -> None:
+    request = await read_request(
+        scope(JSON), receiver(b'{"model":', b' "m"}'), max_body_bytes=100, id_header=HEADER
+    )
+    assert request.model == "m"
+
+
+async def test_declared_length_over_the_limit_is_refused_before_reading() -> None:
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("the body must not be read")
+
+    headers = JSON + [(b"content-length", b"101")]
+    with pytest.raises(RequestTooLarge):
+        await read_request(scope(headers), receive, max_body_bytes=100, id_header=HEADER)
+
+
+async def test_streamed_body_over_the_limit() -> None:
+    with pytest.raises(RequestTooLarge):
+        await read_request(
+            scope(JSON), receiver(b"x" * 60, b"x" * 60), max_body_bytes=100, id_header=HEADER
+        )
+
+
+async def test_client_gone_while_sending_body() -> None:
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}
+
+    with pytest.raises(ClientDisconnected):
+        await read_request(scope(JSON), receive, max_body_bytes=100, id_header=HEADER)
