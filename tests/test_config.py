@@ -163,3 +163,10 @@ def test_memory_store_refuses_several_workers() -> None:
     assert info.value.key == "server.workers"
     config = load_config(None, env={"SENTINEL_REDIS_URL": "redis://x"}, overrides={"workers": 2})
     assert config.server.workers == 2
+
+
+def test_the_example_config_loads() -> None:
+    path = Path(__file__).parent.parent / "config" / "sentinel.example.toml"
+    config = load_config(str(path), env={"OPENAI_API_KEY": "sk-x"})
+    assert [p.name for p in config.providers] == ["openai", "local"]
+    assert config.aliases["fast"].targets[0].weight == 3
