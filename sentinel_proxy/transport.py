@@ -102,8 +102,7 @@ class _ResponseStream(httpx.AsyncByteStream):
             raise _translate(exc, connecting=False) from exc
 
     async def aclose(self) -> None:
-        # release() would hand a half-read connection back to the pool; an unfinished
-        # body must close it, so the upstream sees the client has gone.
+        # An unfinished body closes its connection, so the upstream sees the client go.
         if self._response.content.at_eof():
             self._response.release()
         else:
