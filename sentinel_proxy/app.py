@@ -26,6 +26,7 @@ from sentinel_proxy.exceptions import (
     ProxyError,
     Unauthorized,
 )
+from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.proxy import Proxy
 from sentinel_proxy.relay import Receive, Send
 from sentinel_proxy.request import MAX_CONVERSATION_ID_LENGTH
@@ -78,6 +79,7 @@ def create_app(
 ) -> Gateway:
     runtime = _Runtime()
     router = Router(config, rand=rand)
+    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -87,7 +89,9 @@ def create_app(
             if not await store.ping():
                 logger.warning("the session store does not answer yet; /readyz reports it")
             runtime.store = store
-            runtime.proxy = Proxy(config, router=router, store=store, client=client)
+            runtime.proxy = Proxy(
+                config, router=router, store=store, client=client, metrics=metrics
+            )
             logger.info(
                 "sentinel-proxy ready: config=%s providers=%s store=%s",
                 config.source,
@@ -114,6 +118,10 @@ def create_app(
             return JSONResponse({"status": "ready", "store": "unreachable"})
         return JSONResponse({"status": "unready", "store": "unreachable"}, status_code=503)
 
+    async def metrics_endpoint(request: Request) -> Response:
+        body, content_type = metrics.render()
+        return Response(body, headers={"content-type": content_type})
+
     async def debug_session(request: Request) -> Response:
         token = config.debug.token
         supplied = request.headers.get("authorization", "")
@@ -135,6 +143,7 @@ def create_app(
     routes = [
         StarletteRoute("/healthz", healthz, methods=["GET"]),
         StarletteRoute("/readyz", readyz, methods=["GET"]),
+        StarletteRoute("/metrics", metrics_endpoint, methods=["GET"]),
     ]
     if config.debug.enabled:
         routes.append(

@@ -18,6 +18,7 @@ from sentinel_proxy.config import Config
 from sentinel_proxy.errors import send_error
 from sentinel_proxy.exceptions import InvalidRequest, ProxyError, StoreUnavailable
 from sentinel_proxy.logs import access_log
+from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.relay import DisconnectWatcher, Receive, Send, relay
 from sentinel_proxy.request import ClientDisconnected, InboundRequest, read_request
 from sentinel_proxy.rewrite import Rewriter
@@ -39,7 +40,9 @@ class Proxy:
         router: Router,
         store: SessionStore,
         client: httpx.AsyncClient,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._router = router
         self._store = store
         self._client = client
@@ -68,6 +71,9 @@ class Proxy:
             fields["status"] = status
             fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
             access_log(fields)
+            self._metrics.request(
+                fields.get("provider", ""), fields.get("model"), status, fields.get("session")
+            )
 
     async def _serve(
         self, scope: dict[str, Any], receive: Receive, send: Send, fields: dict[str, Any]
@@ -85,7 +91,10 @@ class Proxy:
         try:
             sent = time.perf_counter()
             response = await upstream.send(self._client, request)
-            fields["upstream_ms"] = round((time.perf_counter() - sent) * 1000, 2)
+            waited = time.perf_counter() - sent
+            fields["upstream_ms"] = round(waited * 1000, 2)
+            self._metrics.upstream_latency(route.provider.name, waited)
+            self._metrics.open_streams.inc()
             try:
                 await relay(
                     response,
@@ -100,6 +109,7 @@ class Proxy:
                 logger.warning("upstream broke off the response: %s", exc.message)
                 return response.status_code
             finally:
+                self._metrics.open_streams.dec()
                 await response.aclose()
             return response.status_code
         except asyncio.CancelledError:

@@ -1,0 +1,57 @@
+"""Prometheus metrics of one process: requests, session outcomes, upstream latency and
+open streams."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+# Clients name models freely; past this many distinct names, new ones count as "other" so a
+# client cannot grow the metrics without bound.
+MAX_MODEL_LABELS = 200
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=False)
+        self._requests = Counter(
+            "sentinel_requests",
+            "Proxied requests by provider, model and status.",
+            ["provider", "model", "status"],
+            registry=self.registry,
+        )
+        self._sessions = Counter(
+            "sentinel_sessions",
+            "Session outcomes of proxied requests: hit, created, none or degraded.",
+            ["outcome"],
+            registry=self.registry,
+        )
+        self._upstream_latency = Histogram(
+            "sentinel_upstream_latency_seconds",
+            "Time from sending a request upstream to its response headers.",
+            ["provider"],
+            buckets=_LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.open_streams = Gauge(
+            "sentinel_open_streams", "Responses being relayed now.", registry=self.registry
+        )
+        self._models: set[str] = set()
+
+    def request(self, provider: str, model: str | None, status: int, session: str | None) -> None:
+        label = model or ""
+        if label not in self._models:
+            if len(self._models) >= MAX_MODEL_LABELS:
+                label = "other"
+            else:
+                self._models.add(label)
+        self._requests.labels(provider, label, str(status)).inc()
+        if session is not None:
+            self._sessions.labels(session).inc()
+
+    def upstream_latency(self, provider: str, seconds: float) -> None:
+        self._upstream_latency.labels(provider).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

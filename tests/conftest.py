@@ -1,0 +1,119 @@
+"""Shared fixtures: a private Redis, an upstream stub, the real proxy process, SDK clients.
+
+- ``redis_server`` (session): a ``RedisServer`` on a free port (``.url``, ``.port``, ``.client()``,
+  ``.stop()``/``.start()``, ``.pause()``/``.resume()``).
+- ``redis_url`` (function): FLUSHALLs that server and yields its URL.
+- ``upstream`` (function): a started ``UpstreamStub``.
+- ``start_proxy`` (function): ``start_proxy(config, env=None, **options) -> ProxyProcess``.
+- ``openai_client`` (function): ``openai_client(proxy_or_base_url, **options) -> openai.OpenAI``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from tests.support.proxy_process import (
+    OpenAIClientFactory,
+    ProxyProcess,
+    StartProxy,
+    make_openai_client,
+)
+from tests.support.redis_server import RedisServer, RedisServerNotFound
+from tests.support.upstream_stub import UpstreamStub
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """A private redis-server for the whole session, killed at the end."""
+    try:
+        server = RedisServer(tmp_path_factory.mktemp("redis"))
+    except RedisServerNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The private Redis, emptied, as a URL; left running and unpaused after the test."""
+    redis_server.ensure_running()
+    redis_server.flushall()
+    yield redis_server.url
+    redis_server.ensure_running()
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamStub]:
+    """A fresh upstream stub on a free loopback port."""
+    stub = UpstreamStub()
+    stub.start()
+    try:
+        yield stub
+    finally:
+        stub.stop()
+
+
+@pytest.fixture
+def start_proxy(tmp_path: Path) -> Iterator[StartProxy]:
+    """Factory: start the real proxy with a TOML config string; every one is stopped at teardown.
+
+    ``ready_path=None`` returns as soon as the process is spawned; otherwise it waits until
+    ``GET ready_path`` answers 200 (failing with the captured log after ``timeout`` seconds).
+    """
+    started: list[ProxyProcess] = []
+
+    def factory(
+        config: str | None,
+        env: Mapping[str, str] | None = None,
+        *,
+        ready_path: str | None = "/readyz",
+        timeout: float = 15.0,
+        port: int | None = None,
+        log_level: str = "info",
+        extra_args: tuple[str, ...] = (),
+    ) -> ProxyProcess:
+        proxy = ProxyProcess(
+            config,
+            tmp_path,
+            env=env,
+            port=port,
+            log_level=log_level,
+            extra_args=extra_args,
+            name=f"proxy{len(started)}",
+        )
+        started.append(proxy)
+        proxy.start(ready_path=ready_path, timeout=timeout)
+        return proxy
+
+    try:
+        yield factory
+    finally:
+        for proxy in started:
+            proxy.stop()
+
+
+@pytest.fixture
+def openai_client() -> Iterator[OpenAIClientFactory]:
+    """Factory: ``openai_client(proxy_or_base_url, api_key="sk-test", **options)``; an
+    ``openai.OpenAI`` with ``max_retries=0``, closed at teardown."""
+    clients: list[openai.OpenAI] = []
+
+    def factory(target: ProxyProcess | str, **options: Any) -> openai.OpenAI:
+        base_url = target.base_url if isinstance(target, ProxyProcess) else target
+        client = make_openai_client(base_url, **options)
+        clients.append(client)
+        return client
+
+    try:
+        yield factory
+    finally:
+        for client in clients:
+            client.close()
