@@ -31,7 +31,13 @@ from sentinel_proxy.proxy import Proxy
 from sentinel_proxy.relay import Receive, Send
 from sentinel_proxy.request import MAX_CONVERSATION_ID_LENGTH
 from sentinel_proxy.routing import Router
-from sentinel_proxy.sessions import CircuitBreaker, MemoryStore, RedisStore, SessionStore
+from sentinel_proxy.sessions import (
+    CircuitBreaker,
+    MemoryStore,
+    RedisStore,
+    Session,
+    SessionStore,
+)
 from sentinel_proxy.upstream import create_client
 
 logger = logging.getLogger("sentinel_proxy")
@@ -42,7 +48,7 @@ StoreFactory = Callable[[Config, Router], SessionStore]
 def create_store(config: Config, router: Router) -> SessionStore:
     settings = config.session
 
-    def accept(session: Any) -> bool:
+    def accept(session: Session) -> bool:
         return router.pinned(session.provider, session.model) is not None
 
     if settings.redis_url is None:
@@ -51,7 +57,7 @@ def create_store(config: Config, router: Router) -> SessionStore:
             max_sessions=settings.memory_max_sessions,
             accept=accept,
         )
-    return RedisStore.from_url(
+    return RedisStore(
         settings.redis_url.reveal(),
         ttl_seconds=settings.ttl_seconds,
         timeout=settings.timeout_seconds,

@@ -6,10 +6,9 @@ import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
+from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import RedisError
 
 from sentinel_proxy.exceptions import StoreUnavailable
@@ -34,6 +33,53 @@ return current
 _ATTEMPTS = 3
 
 
+class _Connections:
+    """redis-py connections, at most `size` at once, one command in flight on each.
+
+    redis-py's own pools cost more per command than the command itself (locks, metrics
+    hooks, a readiness probe, a wait_for task per write); every call here already runs
+    under the store's deadline, so a semaphore and a list do. A connection whose command
+    did not finish, for whatever reason (cancellation included), is disconnected before
+    it is reused, so a late reply can never be read as the answer to another command
+    (CVE-2023-28858/28859).
+    """
+
+    def __init__(self, url: str, *, size: int, connect_timeout: float) -> None:
+        # A pool used only to parse the URL into a connection class and its arguments.
+        # No socket timeout: the store's deadline bounds every call, and redis-py would
+        # otherwise wrap each write in a task of its own.
+        template = ConnectionPool.from_url(
+            url, socket_timeout=None, socket_connect_timeout=connect_timeout
+        )
+        self._connection_class = template.connection_class
+        self._connection_kwargs = template.connection_kwargs
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[AbstractConnection] = []
+        self._all: list[AbstractConnection] = []
+
+    async def call(self, *args: Any) -> Any:
+        async with self._slots:
+            if self._idle:
+                connection = self._idle.pop()
+            else:
+                connection = self._connection_class(**self._connection_kwargs)
+                self._all.append(connection)
+            try:
+                await connection.send_command(*args, check_health=False)
+                return await connection.read_response()
+            except BaseException:
+                await connection.disconnect(nowait=True)
+                raise
+            finally:
+                self._idle.append(connection)
+
+    async def aclose(self) -> None:
+        for connection in self._all:
+            await connection.disconnect(nowait=True)
+        self._idle.clear()
+        self._all.clear()
+
+
 class RedisStore:
     """Sessions in Redis under `sentinel:session:{id}` with a sliding TTL.
 
@@ -44,23 +90,6 @@ class RedisStore:
 
     def __init__(
         self,
-        client: aioredis.Redis,
-        *,
-        ttl_seconds: int,
-        timeout: float,
-        breaker: CircuitBreaker,
-        accept: Acceptor = lambda session: True,
-    ) -> None:
-        self._redis = client
-        self._ttl = ttl_seconds
-        self._timeout = timeout
-        self._breaker = breaker
-        self._accept = accept
-        self._replace = client.register_script(_REPLACE)
-
-    @classmethod
-    def from_url(
-        cls,
         url: str,
         *,
         ttl_seconds: int,
@@ -68,18 +97,12 @@ class RedisStore:
         max_connections: int,
         breaker: CircuitBreaker,
         accept: Acceptor = lambda session: True,
-    ) -> RedisStore:
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=max_connections,
-            timeout=timeout,
-            socket_timeout=timeout,
-            socket_connect_timeout=timeout,
-            # Retries would multiply the budget; the breaker and the client's retry decide.
-            retry=Retry(NoBackoff(), 0),
-        )
-        client = aioredis.Redis(connection_pool=pool)
-        return cls(client, ttl_seconds=ttl_seconds, timeout=timeout, breaker=breaker, accept=accept)
+    ) -> None:
+        self._redis = _Connections(url, size=max_connections, connect_timeout=timeout)
+        self._ttl = ttl_seconds
+        self._timeout = timeout
+        self._breaker = breaker
+        self._accept = accept
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -87,21 +110,24 @@ class RedisStore:
 
     async def get_or_create(self, candidate: Session) -> tuple[Session, bool]:
         key = candidate.key
+        call = self._redis.call
         async with self._guard():
-            raw = await self._redis.getex(key, ex=self._ttl)
+            raw = await call("GETEX", key, "EX", self._ttl)
             for _ in range(_ATTEMPTS):
                 if raw is None:
-                    if await self._redis.set(key, candidate.to_json(), nx=True, ex=self._ttl):
+                    value = candidate.to_json()
+                    if await call("SET", key, value, "NX", "EX", self._ttl) is not None:
                         return candidate, True
                     # Another request created it between our GETEX and SET: use theirs.
-                    raw = await self._redis.getex(key, ex=self._ttl)
+                    raw = await call("GETEX", key, "EX", self._ttl)
                     continue
                 found = decode_session(raw, expected=candidate)
                 if found is not None and self._accept(found):
                     return found, False
                 logger.warning("replacing unusable session value for conversation %s", candidate.id)
-                stored = await self._replace(keys=[key], args=[raw, candidate.to_json(), self._ttl])
-                if stored == candidate.to_json():
+                value = candidate.to_json()
+                stored = await call("EVAL", _REPLACE, 1, key, raw, value, self._ttl)
+                if stored == value:
                     return candidate, True
                 raw = stored
         raise StoreUnavailable("the session store keeps returning unusable values")
@@ -109,24 +135,24 @@ class RedisStore:
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
         probe = Session(conversation_id, "", "", 0, external_id)
         async with self._guard():
-            raw = await self._redis.get(session_key(conversation_id, external_id))
+            raw = await self._redis.call("GET", session_key(conversation_id, external_id))
         return None if raw is None else decode_session(raw, expected=probe)
 
     async def delete(self, conversation_id: str, external_id: str | None = None) -> bool:
         async with self._guard():
-            return bool(await self._redis.delete(session_key(conversation_id, external_id)))
+            return bool(await self._redis.call("DEL", session_key(conversation_id, external_id)))
 
     async def ping(self) -> bool:
         try:
             async with asyncio.timeout(self._timeout):
-                await self._redis.ping()
+                await self._redis.call("PING")
         except (RedisError, OSError, TimeoutError):
             return False
         self._breaker.success()
         return True
 
     async def aclose(self) -> None:
-        await self._redis.aclose(close_connection_pool=True)
+        await self._redis.aclose()
 
     @asynccontextmanager
     async def _guard(self) -> AsyncIterator[None]:

@@ -18,7 +18,7 @@ BUDGET = 0.2
 
 
 def make_store(url: str, *, ttl: int = 100, failures: int = 3, **kw: object) -> RedisStore:
-    return RedisStore.from_url(
+    return RedisStore(
         url,
         ttl_seconds=ttl,
         timeout=BUDGET,
