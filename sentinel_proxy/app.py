@@ -1,5 +1,5 @@
 """ASGI wiring: the proxy route on raw ASGI, operational endpoints on Starlette, and the
-lifespan that owns the upstream client and the session store."""
+lifespan that owns the upstream transport and the session store."""
 
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ from sentinel_proxy.sessions import (
     Session,
     SessionStore,
 )
-from sentinel_proxy.upstream import create_client
+from sentinel_proxy.upstream import Upstream
 
 logger = logging.getLogger("sentinel_proxy")
 
@@ -90,13 +90,13 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = store_factory(config, router)
-        client = create_client(config.upstream, transport=transport)
+        upstream = Upstream(config.upstream, transport=transport)
         try:
             if not await store.ping():
                 logger.warning("the session store does not answer yet; /readyz reports it")
             runtime.store = store
             runtime.proxy = Proxy(
-                config, router=router, store=store, client=client, metrics=metrics
+                config, router=router, store=store, upstream=upstream, metrics=metrics
             )
             logger.info(
                 "sentinel-proxy ready: config=%s providers=%s store=%s",
@@ -107,7 +107,7 @@ def create_app(
             yield
         finally:
             runtime.proxy = None
-            await client.aclose()
+            await upstream.aclose()
             await store.aclose()
             runtime.store = None
 

@@ -86,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         http="httptools",
         lifespan="on",
         access_log=False,
+        # Client addresses are not used, so X-Forwarded-* need no parsing.
+        proxy_headers=False,
         log_config=logging_config(server.log_level, server.log_format),
         log_level=server.log_level,
         # The upstream's own Server and Date headers pass through; uvicorn's would double them.

@@ -11,9 +11,6 @@ import os
 import time
 from typing import Any
 
-import httpx
-
-from sentinel_proxy import upstream
 from sentinel_proxy.config import Config
 from sentinel_proxy.errors import send_error
 from sentinel_proxy.exceptions import InvalidRequest, ProxyError, StoreUnavailable
@@ -24,6 +21,7 @@ from sentinel_proxy.request import ClientDisconnected, InboundRequest, read_requ
 from sentinel_proxy.rewrite import Rewriter
 from sentinel_proxy.routing import Route, Router
 from sentinel_proxy.sessions import Session, SessionStore
+from sentinel_proxy.upstream import Upstream
 
 logger = logging.getLogger("sentinel_proxy.proxy")
 
@@ -39,13 +37,13 @@ class Proxy:
         *,
         router: Router,
         store: SessionStore,
-        client: httpx.AsyncClient,
+        upstream: Upstream,
         metrics: Metrics,
     ) -> None:
         self._metrics = metrics
         self._router = router
         self._store = store
-        self._client = client
+        self._upstream = upstream
         self._rewriter = Rewriter(config)
         self._max_body = config.upstream.max_body_bytes
         self._id_header = config.session.header.encode()
@@ -90,7 +88,7 @@ class Proxy:
         watcher = DisconnectWatcher(receive)
         try:
             sent = time.perf_counter()
-            response = await upstream.send(self._client, request)
+            response = await self._upstream.send(request)
             waited = time.perf_counter() - sent
             fields["upstream_ms"] = round(waited * 1000, 2)
             self._metrics.upstream_latency(route.provider.name, waited)

@@ -3,6 +3,8 @@ configuration only, the `model` field from the route, the conversation id stripp
 
 from __future__ import annotations
 
+import functools
+
 import httpx
 import orjson
 
@@ -27,6 +29,10 @@ HOP_BY_HOP = frozenset(
 )
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
 _PREFIX = b"/v1"
+_BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+# Distinct upstream URLs whose parsed form is kept: parsing one costs more than the rest
+# of building the request.
+_URL_CACHE_SIZE = 1024
 
 
 def filter_headers(
@@ -50,6 +56,8 @@ class Rewriter:
             for p in config.providers
             if p.api_key is not None
         }
+        self._host = {p.name: (b"host", _netloc(p.base_url)) for p in config.providers}
+        self._url = functools.lru_cache(maxsize=_URL_CACHE_SIZE)(_upstream_url)
 
     def build(self, inbound: InboundRequest, route: Route) -> httpx.Request:
         drop = self._drop
@@ -57,17 +65,28 @@ class Rewriter:
         if auth is not None:
             drop = drop | {b"authorization"}
         headers = filter_headers(inbound.headers, drop)
+        headers.append(self._host[route.provider.name])
         if auth is not None:
             headers.append(auth)
-        path = inbound.raw_path
-        if path == _PREFIX or path.startswith(_PREFIX + b"/"):
-            path = path[len(_PREFIX) :]
-        url = route.provider.base_url + path.decode("latin-1")
-        if inbound.query:
-            url += "?" + inbound.query.decode("latin-1")
-        return httpx.Request(
-            inbound.method, url, headers=headers, content=rewrite_body(inbound, route)
-        )
+        body = rewrite_body(inbound, route)
+        if body or inbound.method in _BODY_METHODS:
+            headers.append((b"content-length", str(len(body)).encode()))
+        url = self._url(route.provider.base_url, inbound.raw_path, inbound.query)
+        # Headers complete and the body as a stream: httpx then adds and re-parses nothing.
+        return httpx.Request(inbound.method, url, headers=headers, stream=httpx.ByteStream(body))
+
+
+def _upstream_url(base_url: str, path: bytes, query: bytes) -> httpx.URL:
+    if path == _PREFIX or path.startswith(_PREFIX + b"/"):
+        path = path[len(_PREFIX) :]
+    url = base_url + path.decode("latin-1")
+    if query:
+        url += "?" + query.decode("latin-1")
+    return httpx.URL(url)
+
+
+def _netloc(base_url: str) -> bytes:
+    return httpx.URL(base_url).netloc
 
 
 def rewrite_body(inbound: InboundRequest, route: Route) -> bytes:

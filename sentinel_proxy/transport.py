@@ -17,9 +17,14 @@ import aiohttp
 import httpx
 from yarl import URL
 
-# aiohttp would otherwise add these to requests that lack them; a proxy must not.
-_SKIP_AUTO_HEADERS = ("Accept", "Accept-Encoding", "User-Agent", "Content-Type")
-_CHUNK_SIZE = 64 * 1024
+# aiohttp adds these to requests that lack them; a proxy must not (an Accept-Encoding the
+# client never sent would bring it a gzip body it cannot read).
+_AUTO_HEADERS = {
+    b"accept": "Accept",
+    b"accept-encoding": "Accept-Encoding",
+    b"user-agent": "User-Agent",
+    b"content-type": "Content-Type",
+}
 
 
 class AiohttpTransport(httpx.AsyncBaseTransport):
@@ -41,7 +46,6 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         return aiohttp.ClientSession(
             connector=connector,
             cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=_SKIP_AUTO_HEADERS,
             auto_decompress=False,
             timeout=aiohttp.ClientTimeout(total=None),
         )
@@ -51,16 +55,20 @@ class AiohttpTransport(httpx.AsyncBaseTransport):
         if session is None:
             session = self._session = self._open()
         timeout = request.extensions.get("timeout", {})
-        content = request.content if isinstance(request.stream, httpx.ByteStream) else None
-        if content is None:
+        if not isinstance(request.stream, httpx.ByteStream):
             raise httpx.UnsupportedProtocol("only buffered request bodies are supported")
+        content = b"".join(request.stream)
+        headers = []
+        missing = dict(_AUTO_HEADERS)
+        for name, value in request.headers.raw:
+            missing.pop(name.lower(), None)
+            headers.append((name.decode("latin-1"), value.decode("latin-1")))
         try:
             response = await session.request(
                 request.method,
                 URL(str(request.url), encoded=True),
-                headers=[
-                    (k.decode("latin-1"), v.decode("latin-1")) for k, v in request.headers.raw
-                ],
+                headers=headers,
+                skip_auto_headers=missing.values() if missing else None,
                 data=content or None,
                 allow_redirects=False,
                 compress=None,
