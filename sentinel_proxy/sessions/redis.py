@@ -31,6 +31,8 @@ return current
 
 # A stored value may be replaced at most this often within one call before we give up.
 _ATTEMPTS = 3
+# While Redis keeps answering, a call may wait this many budgets for its own reply.
+_BUSY_BUDGETS = 10
 
 
 class _Connections:
@@ -56,6 +58,8 @@ class _Connections:
         self._slots = asyncio.Semaphore(size)
         self._idle: list[AbstractConnection] = []
         self._all: list[AbstractConnection] = []
+        # Loop time of the latest reply on any connection: proof that Redis is alive.
+        self.last_reply = 0.0
 
     async def call(self, *args: Any) -> Any:
         async with self._slots:
@@ -66,7 +70,9 @@ class _Connections:
                 self._all.append(connection)
             try:
                 await connection.send_command(*args, check_health=False)
-                return await connection.read_response()
+                reply = await connection.read_response()
+                self.last_reply = asyncio.get_running_loop().time()
+                return reply
             except BaseException:
                 await connection.disconnect(nowait=True)
                 raise
@@ -158,14 +164,73 @@ class RedisStore:
     async def _guard(self) -> AsyncIterator[None]:
         if not self._breaker.allow():
             raise StoreUnavailable("the session store is unavailable (circuit open)")
+        deadline: _Deadline | None = None
         try:
-            async with asyncio.timeout(self._timeout):
-                yield
+            async with asyncio.timeout(None) as timeout:
+                deadline = _Deadline(timeout, budget=self._timeout, store=self._redis)
+                try:
+                    yield
+                finally:
+                    deadline.cancel()
         except TimeoutError as exc:
-            self._breaker.failure()
-            raise StoreUnavailable("the session store did not answer in time") from exc
+            if deadline is not None and deadline.silent:
+                self._breaker.failure()
+                raise StoreUnavailable("the session store did not answer in time") from exc
+            raise StoreUnavailable("the proxy is too busy to wait for the session store") from exc
         except (RedisError, OSError) as exc:
             self._breaker.failure()
             raise StoreUnavailable("the session store is unreachable") from exc
         else:
             self._breaker.success()
+
+
+class _Deadline:
+    """Ends a store call once Redis has been silent for a whole budget.
+
+    A call that waits while replies to other calls keep arriving is waiting on this
+    process (a saturated event loop, every connection busy), not on Redis: it is given
+    another budget, up to a cap, and does not count against the circuit breaker. A dead or
+    black-holed Redis sends nothing, so its calls end after one budget."""
+
+    __slots__ = (
+        "_timeout",
+        "_budget",
+        "_store",
+        "_loop",
+        "_checked",
+        "_cap",
+        "_handle",
+        "_grace",
+        "silent",
+    )
+
+    def __init__(self, timeout: asyncio.Timeout, *, budget: float, store: _Connections) -> None:
+        self._timeout = timeout
+        self._budget = budget
+        self._store = store
+        self._loop = asyncio.get_running_loop()
+        self._checked = self._loop.time()
+        self._cap = self._checked + budget * _BUSY_BUDGETS
+        self._handle = self._loop.call_at(self._checked + budget, self._check)
+        self._grace = False
+        self.silent = False
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self._store.last_reply > self._checked:
+            if now < self._cap:
+                self._checked, self._grace = now, False
+                self._handle = self._loop.call_at(min(now + self._budget, self._cap), self._check)
+                return
+        elif not self._grace:
+            # After a stall of this process, replies that did arrive are handled only after
+            # this timer: look once more, a little later, before calling Redis silent.
+            self._grace = True
+            self._handle = self._loop.call_at(now + self._budget / 10, self._check)
+            return
+        else:
+            self.silent = True
+        self._timeout.reschedule(now)
+
+    def cancel(self) -> None:
+        self._handle.cancel()

@@ -17,12 +17,20 @@ from tests.support.redis_server import RedisServer
 BUDGET = 0.2
 
 
-def make_store(url: str, *, ttl: int = 100, failures: int = 3, **kw: object) -> RedisStore:
+def make_store(
+    url: str,
+    *,
+    ttl: int = 100,
+    failures: int = 3,
+    budget: float = BUDGET,
+    connections: int = 64,
+    **kw: object,
+) -> RedisStore:
     return RedisStore(
         url,
         ttl_seconds=ttl,
-        timeout=BUDGET,
-        max_connections=64,
+        timeout=budget,
+        max_connections=connections,
         breaker=CircuitBreaker(failures=failures, reset_seconds=0.3),
         **kw,  # type: ignore[arg-type]
     )
@@ -169,6 +177,28 @@ async def test_black_holed_redis_costs_at_most_the_budget(
     finally:
         redis_server.resume()
         await store.aclose()
+
+
+async def test_a_busy_proxy_waits_longer_than_the_budget_while_redis_answers(
+    redis_url: str,
+) -> None:
+    """Calls queued behind each other on one connection take several 50 ms budgets in all
+    (but less than the ten a busy call may wait), while Redis answers throughout: none
+    fails and the breaker stays shut."""
+    store = make_store(redis_url, budget=0.05, connections=1, failures=1)
+    try:
+        await store.get_or_create(session("warm"))  # connected, so only waiting remains
+        started = time.monotonic()
+        results = await asyncio.gather(
+            *(store.get_or_create(session(f"busy-{i}")) for i in range(400)),
+            return_exceptions=True,
+        )
+        elapsed = time.monotonic() - started
+    finally:
+        await store.aclose()
+    assert elapsed > 0.1, "the calls must outlast the budget for this test to mean anything"
+    assert [r for r in results if isinstance(r, BaseException)] == []
+    assert store.breaker.state == "closed"
 
 
 async def test_cancelled_commands_never_hand_their_reply_to_another_request(
