@@ -305,7 +305,8 @@ async def test_debug_endpoints_need_the_token() -> None:
         debug=type(cfg.debug)(enabled=True, token=Secret(token)),
     )
     mock = respx.MockRouter(assert_all_called=False)
-    chat_route(mock)
+    chat_route(mock, "a.test")
+    chat_route(mock, "b.test")
     auth = {"authorization": f"Bearer {token}"}
     async with serve(cfg, mock) as client:
         await client.post("/v1/chat/completions", json={"model": "fast", "conversation_id": "c9"})
