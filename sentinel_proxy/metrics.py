@@ -3,6 +3,8 @@ open streams."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -38,17 +40,28 @@ class Metrics:
             "sentinel_open_streams", "Responses being relayed now.", registry=self.registry
         )
         self._models: set[str] = set()
+        # Labelled children, looked up once: `labels()` costs more than the increment.
+        self._request_counters: dict[tuple[str, str, int], Any] = {}
+        self._session_counters: dict[str, Any] = {}
 
     def request(self, provider: str, model: str | None, status: int, session: str | None) -> None:
         label = model or ""
-        if label not in self._models:
-            if len(self._models) >= MAX_MODEL_LABELS:
-                label = "other"
-            else:
-                self._models.add(label)
-        self._requests.labels(provider, label, str(status)).inc()
+        counter = self._request_counters.get((provider, label, status))
+        if counter is None:
+            if label not in self._models:
+                if len(self._models) >= MAX_MODEL_LABELS:
+                    label = "other"
+                else:
+                    self._models.add(label)
+            counter = self._requests.labels(provider, label, str(status))
+            if label != "other":
+                self._request_counters[(provider, label, status)] = counter
+        counter.inc()
         if session is not None:
-            self._sessions.labels(session).inc()
+            outcome = self._session_counters.get(session)
+            if outcome is None:
+                outcome = self._session_counters[session] = self._sessions.labels(session)
+            outcome.inc()
 
     def upstream_latency(self, provider: str, seconds: float) -> None:
         self._upstream_latency.labels(provider).observe(seconds)

@@ -34,21 +34,32 @@ async def relay(
     await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
+# Most requests are over sooner than this; only longer ones pay for a watching task.
+WATCH_AFTER_SECONDS = 0.05
+
+
 class DisconnectWatcher:
     """Cancels the task serving a request when its client disconnects.
 
     The request body has been read by then, so the next ASGI message can only be
     `http.disconnect`. uvicorn drops sends to a gone client silently, so without this
-    a slow upstream stream would run on, and bill, for nobody."""
+    a slow upstream stream would run on, and bill, for nobody. The watching task starts
+    only once the request has lasted `delay`: a client that leaves earlier is noticed
+    that much later, and the many short requests cost a timer instead of a task."""
 
-    __slots__ = ("_task", "_waiter", "fired")
+    __slots__ = ("_receive", "_task", "_timer", "_waiter", "fired")
 
-    def __init__(self, receive: Receive) -> None:
+    def __init__(self, receive: Receive, *, delay: float = WATCH_AFTER_SECONDS) -> None:
         self.fired = False
         task = asyncio.current_task()
         assert task is not None
         self._task = task
-        self._waiter = asyncio.ensure_future(receive())
+        self._receive = receive
+        self._waiter: asyncio.Future[dict[str, Any]] | None = None
+        self._timer = asyncio.get_running_loop().call_later(delay, self._watch)
+
+    def _watch(self) -> None:
+        self._waiter = asyncio.ensure_future(self._receive())
         self._waiter.add_done_callback(self._on_message)
 
     def _on_message(self, waiter: asyncio.Future[dict[str, Any]]) -> None:
@@ -59,5 +70,8 @@ class DisconnectWatcher:
             self._task.cancel()
 
     def stop(self) -> None:
-        self._waiter.remove_done_callback(self._on_message)
-        self._waiter.cancel()
+        self._timer.cancel()
+        if self._waiter is not None:
+            self._waiter.remove_done_callback(self._on_message)
+            self._waiter.cancel()
+            self._waiter = None
