@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import RedisError
@@ -16,6 +15,7 @@ from sentinel_proxy.sessions.base import Acceptor, Session, decode_session, sess
 from sentinel_proxy.sessions.breaker import CircuitBreaker
 
 logger = logging.getLogger("sentinel_proxy.sessions")
+T = TypeVar("T")
 
 # Replace a value we found unusable, unless another request got there first: then that
 # request's session wins and is returned, as for a lost SET NX.
@@ -115,38 +115,17 @@ class RedisStore:
         return self._breaker
 
     async def get_or_create(self, candidate: Session) -> tuple[Session, bool]:
-        key = candidate.key
-        call = self._redis.call
-        async with self._guard():
-            raw = await call("GETEX", key, "EX", self._ttl)
-            for _ in range(_ATTEMPTS):
-                if raw is None:
-                    value = candidate.to_json()
-                    if await call("SET", key, value, "NX", "EX", self._ttl) is not None:
-                        return candidate, True
-                    # Another request created it between our GETEX and SET: use theirs.
-                    raw = await call("GETEX", key, "EX", self._ttl)
-                    continue
-                found = decode_session(raw, expected=candidate)
-                if found is not None and self._accept(found):
-                    return found, False
-                logger.warning("replacing unusable session value for conversation %s", candidate.id)
-                value = candidate.to_json()
-                stored = await call("EVAL", _REPLACE, 1, key, raw, value, self._ttl)
-                if stored == value:
-                    return candidate, True
-                raw = stored
-        raise StoreUnavailable("the session store keeps returning unusable values")
+        return await self._guarded(self._get_or_create, candidate)
 
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
         probe = Session(conversation_id, "", "", 0, external_id)
-        async with self._guard():
-            raw = await self._redis.call("GET", session_key(conversation_id, external_id))
+        key = session_key(conversation_id, external_id)
+        raw = await self._guarded(self._redis.call, "GET", key)
         return None if raw is None else decode_session(raw, expected=probe)
 
     async def delete(self, conversation_id: str, external_id: str | None = None) -> bool:
-        async with self._guard():
-            return bool(await self._redis.call("DEL", session_key(conversation_id, external_id)))
+        key = session_key(conversation_id, external_id)
+        return bool(await self._guarded(self._redis.call, "DEL", key))
 
     async def ping(self) -> bool:
         try:
@@ -160,8 +139,31 @@ class RedisStore:
     async def aclose(self) -> None:
         await self._redis.aclose()
 
-    @asynccontextmanager
-    async def _guard(self) -> AsyncIterator[None]:
+    async def _get_or_create(self, candidate: Session) -> tuple[Session, bool]:
+        key = candidate.key
+        call = self._redis.call
+        raw = await call("GETEX", key, "EX", self._ttl)
+        for _ in range(_ATTEMPTS):
+            if raw is None:
+                value = candidate.to_json()
+                if await call("SET", key, value, "NX", "EX", self._ttl) is not None:
+                    return candidate, True
+                # Another request created it between our GETEX and SET: use theirs.
+                raw = await call("GETEX", key, "EX", self._ttl)
+                continue
+            found = decode_session(raw, expected=candidate)
+            if found is not None and self._accept(found):
+                return found, False
+            logger.warning("replacing unusable session value for conversation %s", candidate.id)
+            value = candidate.to_json()
+            stored = await call("EVAL", _REPLACE, 1, key, raw, value, self._ttl)
+            if stored == value:
+                return candidate, True
+            raw = stored
+        raise StoreUnavailable("the session store keeps returning unusable values")
+
+    async def _guarded(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`work(*args)` under the breaker and the deadline, Redis errors made ours."""
         if not self._breaker.allow():
             raise StoreUnavailable("the session store is unavailable (circuit open)")
         deadline: _Deadline | None = None
@@ -169,7 +171,7 @@ class RedisStore:
             async with asyncio.timeout(None) as timeout:
                 deadline = _Deadline(timeout, budget=self._timeout, store=self._redis)
                 try:
-                    yield
+                    result = await work(*args)
                 finally:
                     deadline.cancel()
         except TimeoutError as exc:
@@ -180,8 +182,8 @@ class RedisStore:
         except (RedisError, OSError) as exc:
             self._breaker.failure()
             raise StoreUnavailable("the session store is unreachable") from exc
-        else:
-            self._breaker.success()
+        self._breaker.success()
+        return result
 
 
 class _Deadline:
