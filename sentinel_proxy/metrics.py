@@ -43,6 +43,7 @@ class Metrics:
         # Labelled children, looked up once: `labels()` costs more than the increment.
         self._request_counters: dict[tuple[str, str, int], Any] = {}
         self._session_counters: dict[str, Any] = {}
+        self._latency: dict[str, Any] = {}
 
     def request(self, provider: str, model: str | None, status: int, session: str | None) -> None:
         label = model or ""
@@ -64,7 +65,10 @@ class Metrics:
             outcome.inc()
 
     def upstream_latency(self, provider: str, seconds: float) -> None:
-        self._upstream_latency.labels(provider).observe(seconds)
+        histogram = self._latency.get(provider)
+        if histogram is None:
+            histogram = self._latency[provider] = self._upstream_latency.labels(provider)
+        histogram.observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

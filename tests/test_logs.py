@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import io
+import logging
+import time
+
+import orjson
+
+from sentinel_proxy.logs import BufferedStderrHandler, JsonFormatter, TextFormatter
+
+
+def record(level: int = logging.INFO, **fields: object) -> logging.LogRecord:
+    made = logging.LogRecord("sentinel_proxy.access", level, __file__, 1, "request", None, None)
+    made.fields = fields
+    return made
+
+
+def test_text_lines_carry_the_fields() -> None:
+    line = TextFormatter().format(record(status=200, provider="a", model=None))
+    assert line.endswith("INFO sentinel_proxy.access request status=200 provider=a")
+    assert line[:4].isdigit() and line[19] == ","  # 2026-01-01 00:00:00,000
+
+
+def test_json_lines_are_one_object_each() -> None:
+    entry = orjson.loads(JsonFormatter().format(record(status=502, conversation_id="c1")))
+    assert entry["status"] == 502 and entry["conversation_id"] == "c1"
+    assert entry["level"] == "info" and entry["message"] == "request"
+
+
+class Sink(io.StringIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.written = ""
+
+    def flush(self) -> None:
+        self.written = self.getvalue()
+
+
+def test_buffered_handler_flushes_warnings_at_once_and_the_rest_soon() -> None:
+    sink = Sink()
+    handler = BufferedStderrHandler(sink, interval=0.05)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+    handler.handle(record(logging.WARNING))
+    assert sink.written == "WARNING request\n"
+    handler.handle(record(logging.INFO))
+    deadline = time.monotonic() + 5
+    while sink.written.count("\n") < 2:
+        assert time.monotonic() < deadline, "the info line was never flushed"
+        time.sleep(0.01)  # polling a deadline: the flush happens on the handler's thread
+    assert sink.written == "WARNING request\nINFO request\n"
