@@ -63,3 +63,26 @@ async def test_closing_an_unfinished_response_closes_the_upstream_connection(
         assert await asyncio.to_thread(upstream.upstream_disconnected.wait, 1.0)
     finally:
         await transport.aclose()
+
+
+async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
+    async def accept_and_stay_silent(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        await reader.read(65536)
+        await asyncio.sleep(30)  # the silent upstream itself, not synchronisation
+
+    server = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = AiohttpTransport(max_connections=4)
+    request = httpx.Request(
+        "GET",
+        f"http://127.0.0.1:{port}/v1/models",
+        extensions={"timeout": {"connect": 1.0, "read": 0.2, "write": 1.0, "pool": 1.0}},
+    )
+    try:
+        with pytest.raises(httpx.ReadTimeout):
+            await transport.handle_async_request(request)
+    finally:
+        await transport.aclose()
+        server.close()
