@@ -66,11 +66,15 @@ async def test_closing_an_unfinished_response_closes_the_upstream_connection(
 
 
 async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
+    silent: list[asyncio.StreamWriter] = []
+    done = asyncio.Event()
+
     async def accept_and_stay_silent(
         reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        silent.append(writer)
         await reader.read(65536)
-        await asyncio.sleep(30)  # the silent upstream itself, not synchronisation
+        await done.wait()
 
     server = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
@@ -85,4 +89,9 @@ async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
             await transport.handle_async_request(request)
     finally:
         await transport.aclose()
+        done.set()
+        for writer in silent:
+            writer.close()
+            await writer.wait_closed()
         server.close()
+        await server.wait_closed()
