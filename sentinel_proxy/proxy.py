@@ -26,6 +26,8 @@ from sentinel_proxy.upstream import Upstream
 logger = logging.getLogger("sentinel_proxy.proxy")
 
 HIT, CREATED, NONE, DEGRADED = "hit", "created", "none", "degraded"
+# Logged and counted (never sent) for a client that left before its response was complete.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class Proxy:
@@ -64,6 +66,7 @@ class Proxy:
             fields["error"] = exc.code
             await send_error(send, exc, extra_headers=_outcome_headers(fields))
         except ClientDisconnected:
+            status = CLIENT_CLOSED_REQUEST
             fields["error"] = "client_disconnected"
         finally:
             fields["status"] = status
@@ -114,7 +117,7 @@ class Proxy:
             task = asyncio.current_task()
             if watcher.fired and task is not None and task.uncancel() == 0:
                 fields["error"] = "client_disconnected"
-                return 499
+                return CLIENT_CLOSED_REQUEST
             raise
         finally:
             watcher.stop()

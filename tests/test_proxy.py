@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import random
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -318,3 +319,44 @@ async def test_debug_endpoints_need_the_token() -> None:
         deleted = await client.delete("/debug/session/c9", headers=auth)
         assert deleted.json() == {"id": "c9", "deleted": True}
         assert (await client.get("/debug/session/c9", headers=auth)).status_code == 404
+
+
+async def test_clients_leaving_mid_lookup_never_get_another_conversations_provider(
+    redis_url: str,
+) -> None:
+    """The March 2023 incident, end to end: many conversations pinned to distinct providers,
+    a third of the requests cancelled at random points (their Redis command in flight);
+    every request that completes is served by its own conversation's provider."""
+    providers = tuple(Provider(f"p{i}", f"http://p{i}.test/v1") for i in range(10))
+    targets = tuple(Target(p.name, f"m-{p.name}") for p in providers)
+    cfg = Config(
+        providers=providers,
+        aliases={"any": Alias("any", targets)},
+        session=SessionConfig(redis_url=Secret(redis_url)),
+    )
+    mock = respx.MockRouter(assert_all_called=False)
+    for provider in providers:
+        chat_route(mock, f"{provider.name}.test")
+    rng = random.Random(11)
+    async with serve(cfg, mock) as client:
+
+        async def ask(cid: str) -> str:
+            response = await client.post(
+                "/v1/chat/completions", json={"model": "any", "conversation_id": cid}
+            )
+            return response.headers["x-sentinel-provider"]
+
+        pinned = {f"c{i}": await ask(f"c{i}") for i in range(100)}
+        assert len(set(pinned.values())) > 1
+        completed = 0
+        for _ in range(5):
+            tasks = {cid: asyncio.ensure_future(ask(cid)) for cid in pinned}
+            loop = asyncio.get_running_loop()
+            for task in rng.sample(list(tasks.values()), len(tasks) // 3):
+                loop.call_later(rng.random() * 0.005, task.cancel)
+            await asyncio.gather(*tasks.values(), return_exceptions=True)
+            for cid, task in tasks.items():
+                if not task.cancelled():
+                    assert task.result() == pinned[cid], cid
+                    completed += 1
+        assert completed >= 250
