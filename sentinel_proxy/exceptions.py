@@ -6,6 +6,7 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
     └── ProxyError               answered to the client in the OpenAI error shape
         ├── InvalidRequest       400
         ├── RequestTooLarge      413
+        ├── HeadersTooLarge      431
         ├── Unauthorized         401 (debug endpoints)
         ├── NotFound             404
         ├── MethodNotAllowed     405
@@ -57,6 +58,12 @@ class RequestTooLarge(ProxyError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(ProxyError):
+    status_code = 431
+    error_type = "invalid_request_error"
+    code = "request_headers_too_large"
 
 
 class Unauthorized(ProxyError):

@@ -8,9 +8,11 @@ from typing import Any
 
 import orjson
 
-from sentinel_proxy.exceptions import InvalidRequest, RequestTooLarge
+from sentinel_proxy.exceptions import HeadersTooLarge, InvalidRequest, RequestTooLarge
 
 MAX_CONVERSATION_ID_LENGTH = 256
+# uvicorn's httptools parser takes headers of any size; nothing this large goes upstream.
+MAX_HEADER_BYTES = 64 * 1024
 BODY_FIELD = "conversation_id"
 # Endpoints that cannot be routed without a model: a request to them must name one.
 MODEL_PATHS = frozenset(
@@ -49,7 +51,9 @@ async def read_request(
     content_type = b""
     header_id: bytes | None = None
     encoded = False
+    size = 0
     for name, value in headers:
+        size += len(name) + len(value)
         if name == b"content-length":
             if value.isdigit() and int(value) > max_body_bytes:
                 raise _too_large(max_body_bytes)
@@ -59,6 +63,8 @@ async def read_request(
             header_id = value
         elif name == b"content-encoding":
             encoded = True
+    if size > MAX_HEADER_BYTES:
+        raise HeadersTooLarge(f"The request headers are larger than {MAX_HEADER_BYTES} bytes.")
     body = await _read_body(receive, max_body_bytes)
     method: str = scope["method"]
     conversation_id = None if header_id is None else _header_conversation_id(header_id, id_header)

@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from sentinel_proxy.exceptions import InvalidRequest, RequestTooLarge
+from sentinel_proxy.exceptions import HeadersTooLarge, InvalidRequest, RequestTooLarge
 from sentinel_proxy.request import ClientDisconnected, read_request
 
 HEADER = b"x-conversation-id"
@@ -141,3 +141,13 @@ async def test_client_gone_while_sending_body() -> None:
 
     with pytest.raises(ClientDisconnected):
         await read_request(scope(JSON), receive, max_body_bytes=100, id_header=HEADER)
+
+
+async def test_oversized_headers_are_refused_before_the_body_is_read() -> None:
+    async def receive() -> dict[str, Any]:
+        raise AssertionError("the body must not be read")
+
+    headers = JSON + [(b"x-padding", b"x" * 70_000)]
+    with pytest.raises(HeadersTooLarge) as info:
+        await read_request(scope(headers), receive, max_body_bytes=100, id_header=HEADER)
+    assert info.value.status_code == 431
