@@ -21,7 +21,13 @@ _BUFFER_BYTES = 1 << 16
 
 
 def access_log(fields: dict[str, Any]) -> None:
-    access_logger.info("request", extra={"fields": fields})
+    # Straight to the handlers: Logger.info would walk the stack for a caller nobody logs.
+    if access_logger.isEnabledFor(logging.INFO):
+        record = access_logger.makeRecord(
+            access_logger.name, logging.INFO, __file__, 0, "request", (), None
+        )
+        record.fields = fields
+        access_logger.handle(record)
 
 
 class TextFormatter(logging.Formatter):
