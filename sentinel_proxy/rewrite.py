@@ -38,12 +38,20 @@ _URL_CACHE_SIZE = 1024
 def filter_headers(
     headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = HOP_BY_HOP
 ) -> list[tuple[bytes, bytes]]:
-    """The headers less hop-by-hop ones, including those the Connection header names."""
-    named: set[bytes] = set()
+    """The headers less hop-by-hop ones, including those the Connection header names.
+    `drop` must contain b"connection"."""
+    kept: list[tuple[bytes, bytes]] = []
+    named: set[bytes] | None = None
     for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    return [(n, v) for n, v in headers if n.lower() not in drop and n.lower() not in named]
+        lower = name.lower()
+        if lower in drop:
+            if lower == b"connection":
+                named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+            continue
+        kept.append((name, value))
+    if named:
+        kept = [(n, v) for n, v in kept if n.lower() not in named]
+    return kept
 
 
 class Rewriter:
