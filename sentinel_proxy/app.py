@@ -30,7 +30,7 @@ from sentinel_proxy.exceptions import (
 from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.proxy import Proxy
 from sentinel_proxy.relay import Receive, Send
-from sentinel_proxy.request import MAX_CONVERSATION_ID_LENGTH
+from sentinel_proxy.request import check_conversation_id
 from sentinel_proxy.routing import Router
 from sentinel_proxy.sessions import (
     CircuitBreaker,
@@ -138,9 +138,7 @@ def create_app(
         expected = "Bearer " + (token.reveal() if token is not None else "")
         if token is None or not hmac.compare_digest(supplied.encode(), expected.encode()):
             raise Unauthorized("A valid debug token is required.")
-        conversation_id: str = request.path_params["conversation_id"]
-        if len(conversation_id) > MAX_CONVERSATION_ID_LENGTH or not conversation_id.isprintable():
-            raise InvalidRequest("bad conversation id", param="conversation_id")
+        conversation_id = check_conversation_id(request.path_params["conversation_id"])
         assert runtime.store is not None
         if request.method == "DELETE":
             deleted = await runtime.store.delete(conversation_id)

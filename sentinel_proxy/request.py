@@ -95,7 +95,7 @@ def _read_payload(request: InboundRequest) -> None:
     if BODY_FIELD in payload:
         request.id_in_body = True
     if body_id is not None:
-        _check_conversation_id(body_id)
+        check_conversation_id(body_id)
         if request.conversation_id is not None and request.conversation_id != body_id:
             raise InvalidRequest(
                 "The conversation id in the body and in the header differ.", param=BODY_FIELD
@@ -129,7 +129,7 @@ def _is_json(content_type: bytes) -> bool:
     return media == b"application/json" or media.endswith(b"+json")
 
 
-def _check_conversation_id(value: object) -> str:
+def check_conversation_id(value: object) -> str:
     if (
         not isinstance(value, str)
         or not value
@@ -146,7 +146,7 @@ def _check_conversation_id(value: object) -> str:
 
 def _header_conversation_id(value: bytes, header: bytes) -> str:
     try:
-        return _check_conversation_id(value.decode("ascii").strip())
+        return check_conversation_id(value.decode("ascii").strip())
     except (UnicodeDecodeError, InvalidRequest) as exc:
         raise InvalidRequest(
             f"The {header.decode()} header must be a non-empty string of at most "

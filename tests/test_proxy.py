@@ -319,6 +319,9 @@ async def test_debug_endpoints_need_the_token() -> None:
         deleted = await client.delete("/debug/session/c9", headers=auth)
         assert deleted.json() == {"id": "c9", "deleted": True}
         assert (await client.get("/debug/session/c9", headers=auth)).status_code == 404
+        too_long = await client.get("/debug/session/" + "x" * 257, headers=auth)
+        assert too_long.status_code == 400
+        assert too_long.json()["error"]["param"] == "conversation_id"
 
 
 async def test_clients_leaving_mid_lookup_never_get_another_conversations_provider(
