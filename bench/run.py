@@ -448,9 +448,7 @@ def check_requirements(args: argparse.Namespace, targets: list[str]) -> list[str
         modules += ["aiohttp", "uvicorn", "uvloop", "httptools"]
     for module in modules:
         if importlib.util.find_spec(module) is None:
-            missing.append(
-                f"python module {module}: run with the project's .venv/bin/python (scripts/install)"
-            )
+            missing.append(f"python module {module}: .venv/bin/pip install -e '.[bench]'")
     if len(os.sched_getaffinity(0)) < 2:
         missing.append("at least 2 CPUs (the proxy and the load generator are pinned apart)")
     return missing

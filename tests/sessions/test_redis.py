@@ -240,3 +240,53 @@ async def test_cancelled_commands_never_hand_their_reply_to_another_request(
         assert completed >= len(ids) * 5 // 2
     finally:
         await store.aclose()
+
+
+async def test_concurrent_calls_are_pipelined_on_one_connection(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    for i in range(50):
+        await store.get_or_create(session(f"c{i}", "a", f"m{i}"))  # one connection, warm
+    with redis_server.client() as r:
+        before = r.info("stats")["total_connections_received"]
+    results = await asyncio.gather(
+        *(store.get_or_create(session(f"c{i}", "b", "other")) for i in range(50))
+    )
+    with redis_server.client() as r:
+        # Our own admin connection is the only new one.
+        assert r.info("stats")["total_connections_received"] == before + 1
+    assert [(s.id, s.model, created) for s, created in results] == [
+        (f"c{i}", f"m{i}", False) for i in range(50)
+    ]
+
+
+async def test_an_error_reply_fails_only_its_own_call(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    with redis_server.client() as r:
+        r.rpush("sentinel:session:wrong-type", "x")  # GETEX on a list: WRONGTYPE
+    calls = [store.get_or_create(session(f"c{i}", "a", f"m{i}")) for i in range(10)]
+    calls.insert(5, store.get_or_create(session("wrong-type")))
+    results = await asyncio.gather(*calls, return_exceptions=True)
+    assert isinstance(results.pop(5), StoreUnavailable)
+    assert [(s.id, s.model) for s, _ in results] == [  # type: ignore[misc]
+        (f"c{i}", f"m{i}") for i in range(10)
+    ]
+
+
+async def test_a_reply_that_comes_after_its_caller_gave_up_goes_to_nobody(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    store = make_store(redis_url)
+    try:
+        await store.get_or_create(session("a", "provider-a"))
+        await store.get_or_create(session("b", "provider-b"))
+        redis_server.pause()
+        with pytest.raises(StoreUnavailable):
+            await store.get_or_create(session("a", "wrong"))
+        redis_server.resume()
+        found, created = await store.get_or_create(session("b", "wrong"))
+        assert (found.id, found.provider, created) == ("b", "provider-b", False)
+    finally:
+        redis_server.ensure_running()
+        await store.aclose()
