@@ -109,11 +109,7 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def logging_config(level: str, fmt: LogFormat) -> dict[str, Any]:
     """A dictConfig for our loggers and uvicorn's; uvicorn applies it in every worker."""
     formatter = JsonFormatter if fmt == "json" else TextFormatter
-    handler = {
-        "class": "logging.StreamHandler",
-        "formatter": "default",
-        "stream": "ext://sys.stderr",
-    }
+    handler = {"class": f"{__name__}.BufferedStderrHandler", "formatter": "default"}
     return {
         "version": 1,
         "disable_existing_loggers": False,

@@ -2,11 +2,17 @@ from __future__ import annotations
 
 import io
 import logging
+import logging.config
 import time
 
 import orjson
 
-from sentinel_proxy.logs import BufferedStderrHandler, JsonFormatter, TextFormatter
+from sentinel_proxy.logs import (
+    BufferedStderrHandler,
+    JsonFormatter,
+    TextFormatter,
+    logging_config,
+)
 
 
 def record(level: int = logging.INFO, **fields: object) -> logging.LogRecord:
@@ -48,3 +54,18 @@ def test_buffered_handler_flushes_warnings_at_once_and_the_rest_soon() -> None:
         assert time.monotonic() < deadline, "the info line was never flushed"
         time.sleep(0.01)  # polling a deadline: the flush happens on the handler's thread
     assert sink.written == "WARNING request\nINFO request\n"
+
+
+def test_the_logging_config_writes_through_the_buffered_handler() -> None:
+    config = logging_config("info", "text")
+    try:
+        logging.config.dictConfig(config)
+        for name in ("sentinel_proxy", "uvicorn"):
+            handlers = logging.getLogger(name).handlers
+            assert [type(h) for h in handlers] == [BufferedStderrHandler]
+            assert isinstance(handlers[0].formatter, TextFormatter)
+    finally:
+        for name in ("sentinel_proxy", "uvicorn"):
+            for handler in logging.getLogger(name).handlers:
+                logging.getLogger(name).removeHandler(handler)
+                handler.close()
