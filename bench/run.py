@@ -21,6 +21,7 @@ import importlib.util
 import json
 import os
 import platform
+import re
 import resource
 import shlex
 import shutil
@@ -291,6 +292,20 @@ def established(port: int) -> int:
                 if fields[3] == "01" and int(fields[1].rsplit(":", 1)[1], 16) == port:
                     count += 1
     return count
+
+
+def connections_per_process(port: int) -> list[int]:
+    """Established server-side connections on `port`, counted per process that holds them
+    (largest first): how a multi-worker server's listening socket shared out its clients."""
+    done = subprocess.run(
+        ["ss", "-Htnp", "state", "established", f"( sport = :{port} )"],
+        capture_output=True, text=True, timeout=10,
+    )  # fmt: skip
+    counts: dict[str, int] = {}
+    for line in done.stdout.splitlines():
+        for pid in re.findall(r"pid=(\d+)", line)[:1]:
+            counts[pid] = counts.get(pid, 0) + 1
+    return sorted(counts.values(), reverse=True)
 
 
 class RssSampler:
@@ -735,7 +750,17 @@ def scenario_workers(env: Env, targets: list[str], results: dict[str, Any]) -> N
             try:
                 if env.args.warmup > 0:
                     run_wrk(env, running.port, conns, env.args.warmup, False, running.pid)
-                row = run_wrk(env, running.port, conns, env.args.duration, False, running.pid)
+                split: list[list[int]] = []
+                sampler = threading.Timer(
+                    env.args.duration / 2,
+                    lambda: split.append(connections_per_process(running.port)),  # noqa: B023
+                )
+                sampler.start()
+                try:
+                    row = run_wrk(env, running.port, conns, env.args.duration, False, running.pid)
+                finally:
+                    sampler.cancel()
+                row["connections_per_worker"] = split[0] if split else None
                 row["cpu_both_pct"] = round((row["proxy_cpu_pct"] + row["load_cpu_pct"]) / 2, 1)
                 rows[str(workers)] = row
                 log(f"  {row['rps']:.0f} req/s, errors {row['errors']}")
@@ -974,16 +999,25 @@ def report(results: dict[str, Any]) -> str:
             f"## Workers (not pinned: CPUs {meta['proxy_cpu']},{meta['load_cpu']}, "
             "shared with the load generator; json, 64 conns)",
             "",
-            "| target | 1 worker req/s | 2 workers req/s | ratio | errors (1 / 2) |",
-            "|---|---:|---:|---:|---:|",
+            "| target | 1 worker req/s | 2 workers req/s | ratio | errors (1 / 2) "
+            "| client connections per worker (2 workers) |",
+            "|---|---:|---:|---:|---:|---|",
         ]
         for target, w in workers.items():
             one, two = w.get("1", {}), w.get("2", {})
+            split = two.get("connections_per_worker")
             lines.append(
                 f"| {target} | {fmt(one.get('rps'), 0)} | {fmt(two.get('rps'), 0)} "
-                f"| {fmt(w.get('ratio'))} | {fmt(one.get('errors'))} / {fmt(two.get('errors'))} |"
+                f"| {fmt(w.get('ratio'))} | {fmt(one.get('errors'))} / {fmt(two.get('errors'))} "
+                f"| {' / '.join(map(str, split)) if split else '-'} |"
             )
-        lines.append("")
+        lines += [
+            "",
+            "Client connections per worker: sampled halfway through the run. uvicorn's workers "
+            "share one listening socket, and a keep-alive connection stays with the worker that "
+            "accepted it, so an uneven split caps the ratio whatever the proxy does.",
+            "",
+        ]
     for subject in results.get("goal_subjects", []):
         checks = results["goals"][subject]
         met = sum(1 for c in checks if c[3])
