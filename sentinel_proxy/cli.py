@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging.config
 import os
 import signal
 import sys
 from collections.abc import Sequence
-from types import FrameType
 from typing import Any
 
 import orjson
@@ -18,6 +18,7 @@ from sentinel_proxy.app import Gateway, create_app
 from sentinel_proxy.config import LOG_LEVELS, Config, load_config
 from sentinel_proxy.exceptions import ConfigError
 from sentinel_proxy.logs import logging_config
+from sentinel_proxy.workers import exit_cleanly, run_workers
 
 # Worker processes rebuild the configuration from the same inputs; the CLI flags reach
 # them through this variable.
@@ -65,38 +66,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    # uvicorn re-raises SIGTERM after its graceful shutdown; a drained stop is a clean exit.
-    signal.signal(signal.SIGTERM, _exit_cleanly)
+    signal.signal(signal.SIGTERM, exit_cleanly)
     server = config.server
-    app: Gateway | str
-    if server.workers > 1:
-        if args.config:
-            os.environ["SENTINEL_CONFIG"] = os.path.abspath(args.config)
-        os.environ[_OVERRIDES_ENV] = orjson.dumps(overrides).decode()
-        app = "sentinel_proxy.cli:worker_app"
-    else:
-        app = create_app(config)
-    uvicorn.run(
-        app,
-        factory=server.workers > 1,
-        host=server.host,
-        port=server.port,
-        workers=server.workers,
-        loop="uvloop",
-        http="httptools",
-        lifespan="on",
-        access_log=False,
+    options: dict[str, Any] = {
+        "host": server.host,
+        "port": server.port,
+        "loop": "uvloop",
+        "http": "httptools",
+        "lifespan": "on",
+        "access_log": False,
         # Client addresses are not used, so X-Forwarded-* need no parsing.
-        proxy_headers=False,
-        log_config=logging_config(server.log_level, server.log_format),
-        log_level=server.log_level,
+        "proxy_headers": False,
+        "log_config": logging_config(server.log_level, server.log_format),
+        "log_level": server.log_level,
         # The upstream's own Server and Date headers pass through; uvicorn's would double them.
-        server_header=False,
-        date_header=False,
-        timeout_graceful_shutdown=int(server.shutdown_grace_seconds),
-        backlog=4096,
+        "server_header": False,
+        "date_header": False,
+        "timeout_graceful_shutdown": int(server.shutdown_grace_seconds),
+        "backlog": 4096,
+    }
+    if server.workers == 1:
+        uvicorn.run(create_app(config), **options)
+        return 0
+    if args.config:
+        os.environ["SENTINEL_CONFIG"] = os.path.abspath(args.config)
+    os.environ[_OVERRIDES_ENV] = orjson.dumps(overrides).decode()
+    logging.config.dictConfig(options["log_config"])
+    return run_workers(
+        server.workers, {**options, "app": "sentinel_proxy.cli:worker_app", "factory": True}
     )
-    return 0
 
 
 def worker_app() -> Gateway:
@@ -104,7 +102,3 @@ def worker_app() -> Gateway:
     overrides: dict[str, Any] = orjson.loads(os.environ.get(_OVERRIDES_ENV, "{}"))
     config: Config = load_config(None, env=os.environ, overrides=overrides)
     return create_app(config)
-
-
-def _exit_cleanly(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
