@@ -1013,9 +1013,10 @@ def report(results: dict[str, Any]) -> str:
             )
         lines += [
             "",
-            "Client connections per worker: sampled halfway through the run. uvicorn's workers "
-            "share one listening socket, and a keep-alive connection stays with the worker that "
-            "accepted it, so an uneven split caps the ratio whatever the proxy does.",
+            "Client connections per worker: sampled halfway through the run. A keep-alive "
+            "connection stays with the worker that accepted it, so an uneven split caps the "
+            "ratio whatever the proxy does. The reference runs uvicorn's workers, which share "
+            "one listening socket; sentinel's each listen on their own (SO_REUSEPORT).",
             "",
         ]
     for subject in results.get("goal_subjects", []):
