@@ -44,7 +44,7 @@ from sentinel_proxy.upstream import Upstream
 logger = logging.getLogger("sentinel_proxy")
 # The young generation is collected every GC_THRESHOLDS[0] allocations instead of 700: a
 # request allocates hundreds of objects that reference counting frees anyway, and the
-# collections cost about a twelfth of the throughput (bench/RESULTS.md).
+# collections cost throughput (bench/RESULTS.md).
 GC_THRESHOLDS = (20_000, 20, 20)
 
 StoreFactory = Callable[[Config, Router], SessionStore]
