@@ -141,7 +141,12 @@ class Processes:
         self.counter = 0
 
     def start(
-        self, name: str, argv: list[str], cpus: str | None, env: dict[str, str] | None = None
+        self,
+        name: str,
+        argv: list[str],
+        cpus: str | None,
+        env: dict[str, str] | None = None,
+        cwd: Path = ROOT,
     ) -> Proc:
         self.counter += 1
         command = (["taskset", "-c", cpus] if cpus else []) + argv
@@ -154,7 +159,7 @@ class Processes:
             stdin=subprocess.DEVNULL,
             stdout=log_file,
             stderr=subprocess.STDOUT,
-            cwd=ROOT,
+            cwd=cwd,
             env=env,
             start_new_session=True,  # Ctrl-C reaches the harness only; it stops the rest.
         )

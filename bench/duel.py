@@ -1,0 +1,164 @@
+"""Which of two commits of sentinel-proxy costs less CPU per request: a paired comparison.
+
+    bench/duel.py BASE CANDIDATE [--rounds 6] [--seconds 4] [--stream]
+
+Both commits run at once, each checked out into a temporary git worktree, both pinned to the
+first CPU and both loaded at the same time by a wrk of their own (64 connections) on the
+second. The scheduler splits the first CPU between the two saturated processes, so the ratio
+of their throughputs is the inverse ratio of their CPU cost per request, and whatever the
+machine does meanwhile hits both alike. Running them one after the other instead (as
+bench/run.py must, to measure each against the reference) let two runs of the same code
+differ by 15% on the benchmark machine; here the same code against itself stays within 5%.
+
+Prints the candidate's throughput over the base's for each round and their median: 1.10
+means the candidate serves 10% more requests on the same CPU. Same set-up as bench/run.py:
+Redis and the nginx mock on the second CPU, a conversation id in every body.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import clients
+import run
+from run import ROOT, WRK_SCRIPT, BenchError, Env, Processes, log
+
+
+def worktree(tmp: Path, role: str, commit: str) -> Path:
+    path = tmp / role
+    done = subprocess.run(
+        ["git", "-C", str(ROOT), "worktree", "add", "--detach", str(path), commit],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise BenchError(f"git worktree add {commit} failed: {done.stderr.strip()}")
+    return path
+
+
+def start_sentinel(env: Env, tree: Path, name: str, upstream: str) -> tuple[int, run.Proc]:
+    port = run.free_port(env.ports)
+    argv = [
+        env.python, "-m", "sentinel_proxy", "--config", str(run.sentinel_config(env, upstream)),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
+    ]  # fmt: skip
+    # `python -m` puts the working directory first on sys.path: the worktree's package wins.
+    proc = env.procs.start(name, argv, str(env.proxy_cpu), cwd=tree)
+    ready = f"http://127.0.0.1:{port}/readyz"
+    run.wait_until(f"{name} {ready} = 200", lambda: run.http_status(ready)[0] == 200, proc, 60)
+    return port, proc
+
+
+def paired_round(env: Env, ports: tuple[int, int], seconds: float, stream: bool) -> list[int]:
+    """Both wrks at once; the good answers each got."""
+    runs = [
+        subprocess.Popen(
+            [
+                "taskset",
+                "-c",
+                env.load_cpus,
+                "wrk",
+                "-t1",
+                "-c64",
+                f"-d{round(seconds)}s",
+                "--timeout",
+                "5s",
+                "-s",
+                str(WRK_SCRIPT),
+                f"http://127.0.0.1:{port}{clients.CHAT_PATH}",
+                "--",
+                *(["stream"] if stream else []),
+                f"pool={env.args.pool}",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )  # fmt: skip
+        for port in ports
+    ]
+    good = []
+    for wrk in runs:
+        out, err = wrk.communicate(timeout=seconds + 60)
+        line = next((ln for ln in out.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+        if wrk.returncode != 0 or line is None:
+            raise BenchError(f"wrk failed ({wrk.returncode}): {out[-500:]}{err[-500:]}")
+        raw = json.loads(line.split(" ", 1)[1])
+        good.append(int(raw["requests"]) - int(raw["non2xx"]) - int(raw["bad_body"]))
+    return good
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("base", help="commit (or any git revision) to compare against")
+    parser.add_argument("candidate", help="commit (or any git revision) to compare")
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--seconds", type=float, default=4.0, help="seconds per round")
+    parser.add_argument("--stream", action="store_true", help="streaming requests")
+    parser.add_argument("--pool", type=int, default=10_000, help="distinct conversation ids")
+    parser.add_argument("--echo-module", help="path of ngx_http_echo_module.so")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    missing = run.check_requirements(args, ["sentinel"])
+    if missing:
+        print("bench/duel.py cannot run; missing:\n  - " + "\n  - ".join(missing), file=sys.stderr)
+        return 2
+    cpus = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cpus[1]})
+    tmp = Path(tempfile.mkdtemp(prefix="sentinel-duel-"))
+    env = Env(args, Processes(tmp), tmp, cpus[0], cpus[1])
+    venv_python = ROOT / ".venv" / "bin" / "python"
+    if venv_python.exists():
+        env.python = str(venv_python)
+    trees: list[Path] = []
+    upstream = "sse" if args.stream else "json"
+    try:
+        run.start_redis(env)
+        run.start_nginx(env)
+        ports = []
+        for role, commit in (("base", args.base), ("candidate", args.candidate)):
+            trees.append(worktree(tmp, role, commit))
+            port, _ = start_sentinel(env, trees[-1], role, upstream)
+            failed = asyncio.run(clients.prime(port, args.pool))
+            log(f"{role} {commit} on :{port}; primed {args.pool} ids, {failed} failed")
+            ports.append(port)
+        paired_round(env, (ports[0], ports[1]), 2, args.stream)  # warm-up
+        ratios = []
+        for number in range(1, args.rounds + 1):
+            base, candidate = paired_round(env, (ports[0], ports[1]), args.seconds, args.stream)
+            ratios.append(candidate / max(base, 1))
+            log(f"round {number}: base {base}, candidate {candidate}: {ratios[-1]:.3f}")
+            time.sleep(0.5)
+    except BenchError as exc:
+        log(f"failed: {exc}; logs in {tmp}")
+        return 1
+    finally:
+        if env.redis:
+            env.redis.close()
+        env.procs.stop_all()
+        for tree in trees:
+            subprocess.run(
+                ["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)],
+                capture_output=True, timeout=60,
+            )  # fmt: skip
+    mode = "streaming" if args.stream else "non-streaming"
+    print(
+        f"{args.candidate} vs {args.base}, {mode}, 64 connections each, {args.rounds} rounds "
+        f"of {args.seconds:g} s: {' '.join(f'{r:.3f}' for r in ratios)}; "
+        f"median {statistics.median(ratios):.3f}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
