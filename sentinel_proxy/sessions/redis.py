@@ -42,7 +42,7 @@ class _Connections:
     batch task; once it holds one of `size` connections, it writes every command queued
     by then in one go and reads the replies back in order. Under load a request then
     costs no write, read or wake-up of its own: at 64 client connections batches held 14
-    commands on average, and the proxy served about a tenth more requests.
+    commands on average, and the proxy served 7% more requests on the same CPU.
 
     redis-py's own pools cost more per command than the command itself (locks, metrics
     hooks, a readiness probe); a semaphore and a list do. The batch task always reads
