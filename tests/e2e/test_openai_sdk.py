@@ -15,6 +15,7 @@ import pytest
 from tests.support.ports import free_port
 from tests.support.proxy_process import (
     TEST_API_KEY,
+    TEST_AUTH,
     OpenAIClientFactory,
     ProxyProcess,
     StartProxy,
@@ -25,7 +26,6 @@ from tests.support.upstream_stub import REPLY_TEXT, UpstreamStub
 pytestmark = pytest.mark.e2e
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Say hello."}]
-AUTH = {"authorization": f"Bearer {TEST_API_KEY}"}
 
 
 def stub_config(base_url: str, extra: str = "") -> str:
@@ -108,7 +108,7 @@ def test_streaming_bytes_are_the_upstream_bytes(
             "POST",
             f"{proxy.base_url}/chat/completions",
             json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
-            headers=AUTH,
+            headers=TEST_AUTH,
         ) as response,
     ):
         body = b"".join(response.iter_raw())
@@ -128,7 +128,7 @@ def test_stream_is_forwarded_as_it_arrives(proxy: ProxyProcess, upstream: Upstre
             "POST",
             f"{proxy.base_url}/chat/completions",
             json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
-            headers=AUTH,
+            headers=TEST_AUTH,
         ) as response,
     ):
         events = response.iter_raw()
@@ -153,7 +153,7 @@ def test_models_list(
 
 def test_path_and_query_string_are_forwarded(proxy: ProxyProcess, upstream: UpstreamStub) -> None:
     with http_client() as client:
-        response = client.get(f"{proxy.base_url}/models?limit=2&after=gpt-4o", headers=AUTH)
+        response = client.get(f"{proxy.base_url}/models?limit=2&after=gpt-4o", headers=TEST_AUTH)
 
     assert response.status_code == 200
     assert response.content == upstream.models_body()
@@ -176,7 +176,7 @@ def test_gzip_body_and_upstream_headers_pass_through_untouched(
             "POST",
             f"{proxy.base_url}/chat/completions",
             json={"model": "gpt-4o-mini", "messages": MESSAGES},
-            headers={**AUTH, "accept-encoding": "gzip"},
+            headers={**TEST_AUTH, "accept-encoding": "gzip"},
         ) as response,
     ):
         raw_body = b"".join(response.iter_raw())
@@ -214,7 +214,7 @@ def test_malformed_json_is_rejected_with_openai_error(
         response = client.post(
             f"{proxy.base_url}/chat/completions",
             content=b"{not json",
-            headers={**AUTH, "content-type": "application/json"},
+            headers={**TEST_AUTH, "content-type": "application/json"},
         )
 
     assert response.status_code == 400, response.text
@@ -246,7 +246,7 @@ def test_client_disconnect_closes_the_upstream_stream(
             "POST",
             f"{proxy.base_url}/chat/completions",
             json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
-            headers=AUTH,
+            headers=TEST_AUTH,
         ) as response:
             assert response.status_code == 200
             first = next(response.iter_raw())
@@ -277,7 +277,7 @@ def test_unreachable_upstream_is_502(
         response = client.post(
             f"{proxy.base_url}/chat/completions",
             json={"model": "gpt-4o-mini", "messages": MESSAGES},
-            headers=AUTH,
+            headers=TEST_AUTH,
         )
     assert response.status_code == 502
     assert_openai_error_shape(response)
@@ -294,7 +294,7 @@ def test_sigterm_lets_an_open_stream_finish_then_exits_0(
             "POST",
             f"{proxy.base_url}/chat/completions",
             json={"model": "gpt-4o", "messages": MESSAGES, "stream": True},
-            headers=AUTH,
+            headers=TEST_AUTH,
         ) as response,
     ):
         events = response.iter_raw()

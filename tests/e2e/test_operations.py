@@ -10,14 +10,13 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support.proxy_process import TEST_API_KEY, ProxyProcess, StartProxy
+from tests.support.proxy_process import TEST_AUTH, ProxyProcess, StartProxy
 from tests.support.redis_server import RedisServer
 from tests.support.upstream_stub import UpstreamStub
 
 pytestmark = pytest.mark.e2e
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Hi."}]
-AUTH = {"authorization": f"Bearer {TEST_API_KEY}"}
 DEBUG_TOKEN = "debug-token-0123456789abcdef"
 
 
@@ -32,7 +31,7 @@ def chat(
     if conversation_id is not None:
         body["conversation_id"] = conversation_id
     with httpx.Client(trust_env=False, timeout=20.0) as client:
-        return client.post(f"{proxy.base_url}/chat/completions", json=body, headers=AUTH)
+        return client.post(f"{proxy.base_url}/chat/completions", json=body, headers=TEST_AUTH)
 
 
 def get(url: str, headers: dict[str, str] | None = None) -> httpx.Response:

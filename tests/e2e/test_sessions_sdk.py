@@ -15,7 +15,7 @@ import openai
 import pytest
 
 from tests.support.proxy_process import (
-    TEST_API_KEY,
+    TEST_AUTH,
     OpenAIClientFactory,
     ProxyProcess,
     StartProxy,
@@ -26,7 +26,6 @@ from tests.support.upstream_stub import UpstreamStub
 pytestmark = pytest.mark.e2e
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Hello again."}]
-AUTH = {"authorization": f"Bearer {TEST_API_KEY}"}
 TARGETS = {("a", "m-a"), ("b", "m-b")}
 
 
@@ -217,7 +216,7 @@ def test_concurrent_first_requests_agree_on_one_target(
                 response = client.post(
                     f"{proxy.base_url}/chat/completions",
                     json={"model": "fast", "messages": MESSAGES, "conversation_id": "c-race"},
-                    headers=AUTH,
+                    headers=TEST_AUTH,
                 )
             with lock:
                 results.append(
@@ -257,7 +256,7 @@ def post_chat(proxy: ProxyProcess, conversation_id: str | None, timeout: float) 
     if conversation_id is not None:
         body["conversation_id"] = conversation_id
     with httpx.Client(trust_env=False, timeout=timeout) as client:
-        return client.post(f"{proxy.base_url}/chat/completions", json=body, headers=AUTH)
+        return client.post(f"{proxy.base_url}/chat/completions", json=body, headers=TEST_AUTH)
 
 
 def assert_store_closed_answer(response: httpx.Response) -> None:
@@ -354,7 +353,7 @@ def test_a_request_without_model_or_conversation_id_is_400(
 ) -> None:
     with httpx.Client(trust_env=False, timeout=20.0) as client:
         response = client.post(
-            f"{proxy.base_url}/chat/completions", json={"messages": MESSAGES}, headers=AUTH
+            f"{proxy.base_url}/chat/completions", json={"messages": MESSAGES}, headers=TEST_AUTH
         )
 
     assert response.status_code == 400, response.text

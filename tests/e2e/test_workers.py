@@ -16,12 +16,15 @@ import pytest
 
 from tests.support.ports import free_port
 from tests.support.procs import listeners_by_process
-from tests.support.proxy_process import TEST_API_KEY, ProxyProcess, StartProxy, run_proxy_to_exit
+from tests.support.proxy_process import (
+    TEST_AUTH,
+    ProxyProcess,
+    StartProxy,
+    run_proxy_to_exit,
+)
 from tests.support.upstream_stub import UpstreamStub
 
 pytestmark = pytest.mark.e2e
-
-AUTH = {"authorization": f"Bearer {TEST_API_KEY}"}
 
 
 def config(upstream: UpstreamStub, redis_url: str) -> str:
@@ -54,7 +57,7 @@ def chat_on_fresh_connections(proxy: ProxyProcess, n: int) -> list[int]:
             response = client.post(
                 f"{proxy.base_url}/chat/completions",
                 json={"model": "m", "messages": [], "conversation_id": f"w-{i}"},
-                headers=AUTH,
+                headers=TEST_AUTH,
             )
             statuses.append(response.status_code)
     return statuses

@@ -23,6 +23,8 @@ from tests.support.ports import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TEST_API_KEY = "sk-test"
+# The Authorization header of a client that uses TEST_API_KEY.
+TEST_AUTH = {"authorization": f"Bearer {TEST_API_KEY}"}
 
 # Variables that would change what the proxy does behind the test's back.
 _SCRUBBED_ENV = ("SESSION_TTL_SECONDS", "OPENAI_API_KEY", "OPENAI_BASE_URL")
