@@ -67,11 +67,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
     signal.signal(signal.SIGTERM, exit_cleanly)
+    options = uvicorn_options(config)
     server = config.server
-    options: dict[str, Any] = {
+    if server.workers == 1:
+        uvicorn.run(create_app(config), **options)
+        return 0
+    if args.config:
+        os.environ["SENTINEL_CONFIG"] = os.path.abspath(args.config)
+    os.environ[_OVERRIDES_ENV] = orjson.dumps(overrides).decode()
+    logging.config.dictConfig(options["log_config"])
+    return run_workers(
+        server.workers, {**options, "app": "sentinel_proxy.cli:worker_app", "factory": True}
+    )
+
+
+def uvicorn_options(config: Config) -> dict[str, Any]:
+    """uvicorn's settings for one worker of this configuration."""
+    server = config.server
+    return {
         "host": server.host,
         "port": server.port,
-        "loop": "uvloop",
+        # Not uvloop: saturated at 512 connections, uvloop left a few connections unserved for
+        # seconds (wrk timeouts in most runs, even for a hello-world app) where asyncio's own
+        # loop kept every answer under 0.7 s at the same CPU cost (bench/RESULTS.md).
+        "loop": "asyncio",
         "http": "httptools",
         "lifespan": "on",
         "access_log": False,
@@ -85,16 +104,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         "timeout_graceful_shutdown": int(server.shutdown_grace_seconds),
         "backlog": 4096,
     }
-    if server.workers == 1:
-        uvicorn.run(create_app(config), **options)
-        return 0
-    if args.config:
-        os.environ["SENTINEL_CONFIG"] = os.path.abspath(args.config)
-    os.environ[_OVERRIDES_ENV] = orjson.dumps(overrides).decode()
-    logging.config.dictConfig(options["log_config"])
-    return run_workers(
-        server.workers, {**options, "app": "sentinel_proxy.cli:worker_app", "factory": True}
-    )
 
 
 def worker_app() -> Gateway:
