@@ -37,7 +37,9 @@ RESTART_DELAY_SECONDS = 1.0
 def listening_socket(host: str, port: int) -> socket.socket:
     """A socket bound to host:port that other processes can bind too (not yet listening)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio turns Nagle off on accepted connections only when the
+    # listening socket names TCP, and with Nagle on every answer waited 40 ms for an ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
