@@ -1,6 +1,6 @@
 """Which of two commits of sentinel-proxy costs less CPU per request: a paired comparison.
 
-    bench/duel.py BASE CANDIDATE [--rounds 6] [--seconds 4] [--stream]
+    bench/duel.py BASE CANDIDATE [--rounds 6] [--seconds 4] [--stream] [--conns 64]
 
 Both commits run at once, each checked out into a temporary git worktree, both pinned to the
 first CPU and both loaded at the same time by a wrk of their own (64 connections) on the
@@ -13,6 +13,10 @@ differ by 15% on the benchmark machine; here the same code against itself stays 
 Prints the candidate's throughput over the base's for each round and their median: 1.10
 means the candidate serves 10% more requests on the same CPU. Same set-up as bench/run.py:
 Redis and the nginx mock on the second CPU, a conversation id in every body.
+
+Either side may be `reference` instead of a commit: the aiohttp reference proxy of
+bench/run.py. `bench/duel.py reference HEAD` is then the throughput goal measured paired:
+sentinel-proxy's requests per core as a fraction of the reference's.
 """
 
 from __future__ import annotations
@@ -57,7 +61,10 @@ def start_sentinel(env: Env, tree: Path, name: str, upstream: str) -> tuple[int,
     return port, proc
 
 
-def paired_round(env: Env, ports: tuple[int, int], seconds: float, stream: bool) -> list[int]:
+REFERENCE = "reference"
+
+
+def paired_round(env: Env, ports: tuple[int, int], seconds: float) -> list[int]:
     """Both wrks at once; the good answers each got."""
     runs = [
         subprocess.Popen(
@@ -67,7 +74,7 @@ def paired_round(env: Env, ports: tuple[int, int], seconds: float, stream: bool)
                 env.load_cpus,
                 "wrk",
                 "-t1",
-                "-c64",
+                f"-c{env.args.conns}",
                 f"-d{round(seconds)}s",
                 "--timeout",
                 "5s",
@@ -75,7 +82,7 @@ def paired_round(env: Env, ports: tuple[int, int], seconds: float, stream: bool)
                 str(WRK_SCRIPT),
                 f"http://127.0.0.1:{port}{clients.CHAT_PATH}",
                 "--",
-                *(["stream"] if stream else []),
+                *(["stream"] if env.args.stream else []),
                 f"pool={env.args.pool}",
             ],
             stdout=subprocess.PIPE,
@@ -97,11 +104,12 @@ def paired_round(env: Env, ports: tuple[int, int], seconds: float, stream: bool)
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("base", help="commit (or any git revision) to compare against")
-    parser.add_argument("candidate", help="commit (or any git revision) to compare")
+    parser.add_argument("base", help=f"git revision to compare against, or {REFERENCE!r}")
+    parser.add_argument("candidate", help=f"git revision to compare, or {REFERENCE!r}")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per round")
     parser.add_argument("--stream", action="store_true", help="streaming requests")
+    parser.add_argument("--conns", type=int, default=64, help="connections of each wrk")
     parser.add_argument("--pool", type=int, default=10_000, help="distinct conversation ids")
     parser.add_argument("--echo-module", help="path of ngx_http_echo_module.so")
     return parser.parse_args(argv)
@@ -109,7 +117,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    missing = run.check_requirements(args, ["sentinel"])
+    with_reference = REFERENCE in (args.base, args.candidate)
+    missing = run.check_requirements(
+        args, ["sentinel", "aiohttp"] if with_reference else ["sentinel"]
+    )
     if missing:
         print("bench/duel.py cannot run; missing:\n  - " + "\n  - ".join(missing), file=sys.stderr)
         return 2
@@ -127,15 +138,19 @@ def main(argv: list[str] | None = None) -> int:
         run.start_nginx(env)
         ports = []
         for role, commit in (("base", args.base), ("candidate", args.candidate)):
-            trees.append(worktree(tmp, role, commit))
-            port, _ = start_sentinel(env, trees[-1], role, upstream)
-            failed = asyncio.run(clients.prime(port, args.pool))
-            log(f"{role} {commit} on :{port}; primed {args.pool} ids, {failed} failed")
+            if commit == REFERENCE:
+                port = run.start_target(env, "aiohttp", upstream, str(env.proxy_cpu)).port
+                log(f"{role}: the reference proxy on :{port}")
+            else:
+                trees.append(worktree(tmp, role, commit))
+                port, _ = start_sentinel(env, trees[-1], role, upstream)
+                failed = asyncio.run(clients.prime(port, args.pool))
+                log(f"{role} {commit} on :{port}; primed {args.pool} ids, {failed} failed")
             ports.append(port)
-        paired_round(env, (ports[0], ports[1]), 2, args.stream)  # warm-up
+        paired_round(env, (ports[0], ports[1]), 2)  # warm-up
         ratios = []
         for number in range(1, args.rounds + 1):
-            base, candidate = paired_round(env, (ports[0], ports[1]), args.seconds, args.stream)
+            base, candidate = paired_round(env, (ports[0], ports[1]), args.seconds)
             ratios.append(candidate / max(base, 1))
             log(f"round {number}: base {base}, candidate {candidate}: {ratios[-1]:.3f}")
             time.sleep(0.5)
@@ -153,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
     mode = "streaming" if args.stream else "non-streaming"
     print(
-        f"{args.candidate} vs {args.base}, {mode}, 64 connections each, {args.rounds} rounds "
+        f"{args.candidate} vs {args.base}, {mode}, {args.conns} connections each, "
+        f"{args.rounds} rounds "
         f"of {args.seconds:g} s: {' '.join(f'{r:.3f}' for r in ratios)}; "
         f"median {statistics.median(ratios):.3f}"
     )
