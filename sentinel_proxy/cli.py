@@ -87,9 +87,9 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
     return {
         "host": server.host,
         "port": server.port,
-        # Not uvloop: saturated at 512 connections, uvloop left a few connections unserved for
-        # seconds (wrk timeouts in most runs, even for a hello-world app) where asyncio's own
-        # loop kept every answer under 0.7 s at the same CPU cost (bench/RESULTS.md).
+        # Not uvloop: while saturated it took on new connections about one every 70 ms, so
+        # some clients waited seconds for a first answer; on asyncio's loop the slowest of 512
+        # connections waited 0.78 s, at the same CPU per request (bench/RESULTS.md).
         "loop": "asyncio",
         "http": "httptools",
         "lifespan": "on",
