@@ -739,8 +739,8 @@ def scenario_memory(env: Env, targets: list[str], results: dict[str, Any]) -> No
 
 
 def scenario_workers(env: Env, targets: list[str], results: dict[str, Any]) -> None:
-    """One and two workers, both started, loaded in turn for a few rounds. One pair of runs
-    gave 1.32x to 1.99x in three runs of the same code, so the median of rounds counts."""
+    """One and two workers, both started, loaded in turn for a few rounds: a single pair of
+    runs gave 1.32x-1.99x over three full runs of the same code, so the median counts."""
     out: dict[str, Any] = results.setdefault("workers", {})
     conns = 64
     for target in targets:
@@ -767,15 +767,19 @@ def scenario_workers(env: Env, targets: list[str], results: dict[str, Any]) -> N
                     env.procs.stop(running.proc)
         ratios = [r["2"]["rps"] / r["1"]["rps"] for r in rounds if r["1"]["rps"]]
         out[target] = {
-            "1": {"rps": statistics.median(r["1"]["rps"] for r in rounds),
-                  "errors": sum(r["1"]["errors"] for r in rounds)},
-            "2": {"rps": statistics.median(r["2"]["rps"] for r in rounds),
-                  "errors": sum(r["2"]["errors"] for r in rounds),
-                  "connections_per_worker": rounds[-1]["2"]["connections_per_worker"]},
+            "1": {
+                "rps": statistics.median(r["1"]["rps"] for r in rounds),
+                "errors": sum(r["1"]["errors"] for r in rounds),
+            },
+            "2": {
+                "rps": statistics.median(r["2"]["rps"] for r in rounds),
+                "errors": sum(r["2"]["errors"] for r in rounds),
+                "connections_per_worker": rounds[-1]["2"]["connections_per_worker"],
+            },
             "ratio": round(statistics.median(ratios), 2) if ratios else None,
             "round_ratios": [round(r, 2) for r in ratios],
             "rounds": rounds,
-        }  # fmt: skip
+        }
 
 
 def _workers_round(env: Env, running: Running, conns: int) -> dict[str, Any]:
@@ -789,8 +793,10 @@ def _workers_round(env: Env, running: Running, conns: int) -> dict[str, Any]:
     finally:
         sampler.cancel()
     row["connections_per_worker"] = split[0] if split else None
-    log(f"  {running.proc.name if running.proc else running.target}: {row['rps']:.0f} req/s, "
-        f"errors {row['errors']}")  # fmt: skip
+    log(
+        f"  {running.proc.name if running.proc else running.target}: {row['rps']:.0f} req/s, "
+        f"errors {row['errors']}"
+    )
     return row
 
 
