@@ -3,12 +3,13 @@
     bench/duel.py BASE CANDIDATE [--rounds 6] [--seconds 4] [--stream] [--conns 64]
 
 Both commits run at once, each checked out into a temporary git worktree, both pinned to the
-first CPU and both loaded at the same time by a wrk of their own (64 connections) on the
-second. The scheduler splits the first CPU between the two saturated processes, so the ratio
-of their throughputs is the inverse ratio of their CPU cost per request, and whatever the
-machine does meanwhile hits both alike. Running them one after the other instead (as
-bench/run.py must, to measure each against the reference) let two runs of the same code
-differ by 15% on the benchmark machine; here the same code against itself stays within 5%.
+first CPU and both loaded at the same time by a wrk of their own (64 connections unless
+--conns says otherwise) on the second. The scheduler splits the first CPU between the two
+saturated processes, so the ratio of their throughputs is the inverse ratio of their CPU
+cost per request, and whatever the machine does meanwhile hits both alike. Running them one
+after the other instead (as bench/run.py must, to measure each against the reference) let
+two runs of the same code differ by 15% on the benchmark machine; here the same code against
+itself stays within 5%.
 
 Prints the candidate's throughput over the base's for each round and their median: 1.10
 means the candidate serves 10% more requests on the same CPU. Same set-up as bench/run.py:
@@ -34,7 +35,7 @@ from pathlib import Path
 
 import clients
 import run
-from run import ROOT, WRK_SCRIPT, BenchError, Env, Processes, log
+from run import ROOT, BenchError, Env, Processes, log
 
 
 def worktree(tmp: Path, role: str, commit: str) -> Path:
@@ -66,25 +67,17 @@ REFERENCE = "reference"
 
 def paired_round(env: Env, ports: tuple[int, int], seconds: float) -> list[int]:
     """Both wrks at once; the good answers each got."""
+    args = env.args
     runs = [
         subprocess.Popen(
-            [
-                "taskset",
-                "-c",
+            run.wrk_argv(
                 env.load_cpus,
-                "wrk",
-                "-t1",
-                f"-c{env.args.conns}",
-                f"-d{round(seconds)}s",
-                "--timeout",
-                "5s",
-                "-s",
-                str(WRK_SCRIPT),
-                f"http://127.0.0.1:{port}{clients.CHAT_PATH}",
-                "--",
-                *(["stream"] if env.args.stream else []),
-                f"pool={env.args.pool}",
-            ],
+                port,
+                conns=args.conns,
+                seconds=seconds,
+                stream=args.stream,
+                pool=args.pool,
+            ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,

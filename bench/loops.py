@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import run
-from run import BENCH, WRK_SCRIPT, BenchError, Processes, log
+from run import BENCH, BenchError, Processes, log
 
 BODY = b'{"object":"chat.completion","choices":[]}' + b" " * 1000
 _first_seen: dict[int, float] = {}
@@ -63,10 +63,9 @@ def one_round(procs: Processes, loop: str, args: argparse.Namespace) -> dict[str
         run.wait_until(
             f"{url}/first-seen", lambda: run.http_status(f"{url}/first-seen")[0] == 200, proc
         )
-        wrk = [
-            "taskset", "-c", "1", "wrk", "-t1", f"-c{args.conns}", f"-d{args.seconds}s",
-            "--timeout", "5s", "-s", str(WRK_SCRIPT), f"{url}/v1/chat/completions",
-        ]  # fmt: skip
+        wrk = run.wrk_argv(
+            "1", port, conns=args.conns, seconds=args.seconds, stream=False, pool=10_000
+        )
         done = subprocess.run(wrk, capture_output=True, text=True, timeout=args.seconds + 60)
         line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), "")
         if not line:

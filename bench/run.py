@@ -381,16 +381,25 @@ class Env:
         return f"{self.proxy_cpu},{self.load_cpu}"
 
 
+def wrk_argv(
+    cpus: str, port: int, *, conns: int, seconds: float, stream: bool, pool: int
+) -> list[str]:
+    """wrk on `cpus`, one thread, POSTing the chat body of wrk/chat.lua to port."""
+    return [
+        "taskset", "-c", cpus,
+        "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
+        "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{clients.CHAT_PATH}",
+        "--", *(["stream"] if stream else []), f"pool={pool}",
+    ]  # fmt: skip
+
+
 def run_wrk(
     env: Env, port: int, conns: int, seconds: float, stream: bool, pid: int | None
 ) -> dict[str, Any]:
     """One wrk run on the load CPU; returns its BENCH_RESULT plus CPU, RSS and Redis figures."""
-    argv = [
-        "taskset", "-c", env.load_cpus,
-        "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
-        "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{clients.CHAT_PATH}",
-        "--", *(["stream"] if stream else []), f"pool={env.args.pool}",
-    ]  # fmt: skip
+    argv = wrk_argv(
+        env.load_cpus, port, conns=conns, seconds=seconds, stream=stream, pool=env.args.pool
+    )
     redis_before = env.redis.snapshot() if env.redis else None
     cpu_before = cpu_times()
     ticks_before = process_ticks()
