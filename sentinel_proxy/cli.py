@@ -101,7 +101,7 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
         # The upstream's own Server and Date headers pass through; uvicorn's would double them.
         "server_header": False,
         "date_header": False,
-        "timeout_graceful_shutdown": int(server.shutdown_grace_seconds),
+        "timeout_graceful_shutdown": server.shutdown_grace_seconds,
         "backlog": 4096,
     }
 

@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from redis.connection import parse_url
+
 from sentinel_proxy.exceptions import ConfigError
 
 DEFAULT_HOST = "127.0.0.1"
@@ -32,10 +34,46 @@ DEFAULT_CONNECT_TIMEOUT = 10.0
 DEFAULT_READ_TIMEOUT = 600.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
+# Redis refuses expiry times past a limit, and a decade is more than any conversation needs.
+MAX_SESSION_TTL = 10 * 365 * 86_400
+# No timeout or grace period of the proxy's is meant to last longer.
+MAX_SECONDS = 7 * 86_400
+MAX_WORKERS = 256
+# Provider and model names travel in response headers, metric labels and log lines.
+MAX_NAME_LENGTH = 256
+# Headers that mean something else to HTTP or to the proxy: never a conversation id.
+_RESERVED_HEADERS = frozenset(
+    {
+        "authorization",
+        "proxy-authorization",
+        "cookie",
+        "host",
+        "content-type",
+        "content-length",
+        "content-encoding",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "trailer",
+        "upgrade",
+        "expect",
+    }
+)
 
 LogFormat = Literal["text", "json"]
 StoreErrorMode = Literal["closed", "open"]
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+
+
+def is_valid_name(value: object) -> bool:
+    """A provider or model name: at most MAX_NAME_LENGTH printable characters."""
+    return (
+        isinstance(value, str)
+        and 0 < len(value) <= MAX_NAME_LENGTH
+        and value.isprintable()
+        and value.strip() == value
+    )
 
 
 class Secret:
@@ -175,6 +213,8 @@ def _read_toml(path: str) -> dict[str, Any]:
             return tomllib.load(file)
     except OSError as exc:
         raise ConfigError("config", f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError("config", f"{path} is not UTF-8 text") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError("config", f"{path} is not valid TOML: {exc}") from exc
 
@@ -215,7 +255,7 @@ def _server(raw: dict[str, Any], env: Mapping[str, str], cli: Mapping[str, Any])
     return ServerConfig(
         host=host,
         port=port,
-        workers=_int(merged, "server.", "workers", 1, low=1),
+        workers=_int(merged, "server.", "workers", 1, low=1, high=MAX_WORKERS),
         log_level=log_level,
         log_format=log_format,  # type: ignore[arg-type]
         shutdown_grace_seconds=_float(
@@ -247,19 +287,20 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
         merged["ttl_seconds"] = _env_int(env, "SESSION_TTL_SECONDS")
     redis_url = merged.get("redis_url")
     if redis_url is not None:
-        redis_url = _str(merged, "session.", "redis_url", "")
-        scheme = urlsplit(redis_url).scheme
-        if scheme not in ("redis", "rediss", "unix"):
-            raise ConfigError("session.redis_url", "must be a redis://, rediss:// or unix:// URL")
+        redis_url = _redis_url(_str(merged, "session.", "redis_url", ""))
     header = _str(merged, "session.", "header", DEFAULT_SESSION_HEADER).lower()
-    if not header or not all(c.isalnum() or c == "-" for c in header):
+    if not header.isascii() or not all(c.isalnum() or c == "-" for c in header):
         raise ConfigError("session.header", "must be an HTTP header name")
+    if header in _RESERVED_HEADERS or header.startswith("x-sentinel-"):
+        raise ConfigError("session.header", f"{header} means something else: choose another")
     mode = _str(merged, "session.", "on_store_error", "closed")
     if mode not in ("closed", "open"):
         raise ConfigError("session.on_store_error", 'must be "closed" or "open"')
     return SessionConfig(
         redis_url=Secret(redis_url) if redis_url else None,
-        ttl_seconds=_int(merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1),
+        ttl_seconds=_int(
+            merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1, high=MAX_SESSION_TTL
+        ),
         header=header,
         on_store_error=mode,  # type: ignore[arg-type]
         timeout_seconds=_float(merged, "session.", "timeout_seconds", DEFAULT_STORE_TIMEOUT),
@@ -290,7 +331,7 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
         if not isinstance(item, dict):
             raise ConfigError(f"providers[{index}]", "must be a table")
         _only(item, prefix, {"name", "base_url", "api_key_env"})
-        name = _str(item, prefix, "name", None)
+        name = _name(item, prefix, "name")
         if any(p.name == name for p in providers):
             raise ConfigError(f"{prefix}name", f"provider {name!r} is defined twice")
         api_key = None
@@ -300,7 +341,14 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
                 raise ConfigError(
                     f"{prefix}api_key_env", f"environment variable {variable} is not set"
                 )
-            api_key = Secret(env[variable])
+            key = env[variable]
+            if not key.isascii() or not key.isprintable() or key.strip() != key:
+                raise ConfigError(
+                    f"{prefix}api_key_env",
+                    f"environment variable {variable} holds spaces, control characters or "
+                    "non-ASCII text (a trailing newline?)",
+                )
+            api_key = Secret(key)
         base_url = _base_url(f"{prefix}base_url", _str(item, prefix, "base_url", None))
         providers.append(Provider(name=name, base_url=base_url, api_key=api_key))
     return tuple(providers)
@@ -308,10 +356,15 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
 
 def _base_url(key: str, url: str) -> str:
     parts = urlsplit(url)
+    if "@" in parts.netloc:
+        # Never repeated in the message: it may hold a password.
+        raise ConfigError(key, "must not hold credentials (user:password@); use api_key_env")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(key, f"{url!r} is not an http:// or https:// URL")
     if parts.query or parts.fragment:
         raise ConfigError(key, "must not have a query string or fragment")
+    if not url.isascii() or not url.isprintable() or " " in url:
+        raise ConfigError(key, f"{url!r} holds spaces, control or non-ASCII characters")
     try:
         parts.port  # noqa: B018 - urlsplit checks the port lazily
     except ValueError as exc:
@@ -319,10 +372,36 @@ def _base_url(key: str, url: str) -> str:
     return url.rstrip("/")
 
 
+def _redis_url(url: str) -> str:
+    """The URL as given, once redis-py's own parser has read it the way the store will.
+    No message repeats the URL: it may hold a password."""
+    key = "session.redis_url"
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(key, "must be a redis://, rediss:// or unix:// URL")
+    if parts.fragment or "#" in url:
+        raise ConfigError(key, "holds '#': percent-encode it in a password (%23)")
+    try:
+        parsed = parse_url(url)  # type: ignore[no-untyped-call]
+    except ValueError as exc:
+        raise ConfigError(
+            key, "cannot be parsed: percent-encode ':', '/', '?', '@' or '%' in a password"
+        ) from exc
+    if parts.scheme != "unix":
+        database = parts.path.strip("/")
+        if database and not database.isdigit():
+            raise ConfigError(key, "the path must be a database number (redis://host:6379/0)")
+        if "host" not in parsed:
+            raise ConfigError(key, "names no host")
+    return url
+
+
 def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
     aliases: dict[str, Alias] = {}
     for name, table in raw.items():
         prefix = f"models.{name}."
+        if not is_valid_name(name):
+            raise ConfigError(f"models.{name!r}", _NAME_RULE)
         if not isinstance(table, dict):
             raise ConfigError(f"models.{name}", "must be a table with a targets array")
         _only(table, prefix, {"targets"})
@@ -338,7 +417,7 @@ def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
             provider = _str(item, key, "provider", None)
             if provider not in providers:
                 raise ConfigError(f"{key}provider", f"unknown provider {provider!r}")
-            model = _str(item, key, "model", None)
+            model = _name(item, key, "model")
             weight = _int(item, key, "weight", 1, low=1)
             targets.append(Target(provider=provider, model=model, weight=weight))
         aliases[name] = Alias(name=name, targets=tuple(targets))
@@ -365,9 +444,28 @@ def _debug(raw: dict[str, Any]) -> DebugConfig:
     if not enabled:
         return DebugConfig()
     token = raw.get("token")
-    if not isinstance(token, str) or len(token) < 16:
-        raise ConfigError("debug.token", "must be a string of at least 16 characters when enabled")
+    if (
+        not isinstance(token, str)
+        or len(token) < 16
+        or not token.isascii()
+        or not token.isprintable()
+        or " " in token
+    ):
+        raise ConfigError(
+            "debug.token",
+            "must be at least 16 printable ASCII characters, no spaces, when enabled",
+        )
     return DebugConfig(enabled=True, token=Secret(token))
+
+
+_NAME_RULE = f"must be at most {MAX_NAME_LENGTH} printable characters, no space at either end"
+
+
+def _name(raw: Mapping[str, Any], prefix: str, key: str) -> str:
+    value = _str(raw, prefix, key, None)
+    if not is_valid_name(value):
+        raise ConfigError(f"{prefix}{key}", _NAME_RULE)
+    return value
 
 
 def _str(raw: Mapping[str, Any], prefix: str, key: str, default: str | None) -> str:
@@ -401,8 +499,8 @@ def _float(raw: Mapping[str, Any], prefix: str, key: str, default: float) -> flo
     value = raw.get(key, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise ConfigError(f"{prefix}{key}", "must be a number of seconds")
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{prefix}{key}", f"must be positive, got {value}")
+    if not math.isfinite(value) or value <= 0 or value > MAX_SECONDS:
+        raise ConfigError(f"{prefix}{key}", f"must be above 0 and at most {MAX_SECONDS}")
     return float(value)
 
 

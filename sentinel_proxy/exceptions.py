@@ -6,6 +6,7 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
     └── ProxyError               answered to the client in the OpenAI error shape
         ├── InvalidRequest       400
         ├── RequestTooLarge      413
+        ├── URITooLong           414
         ├── HeadersTooLarge      431
         ├── Unauthorized         401 (debug endpoints)
         ├── NotFound             404
@@ -58,6 +59,12 @@ class RequestTooLarge(ProxyError):
     status_code = 413
     error_type = "invalid_request_error"
     code = "request_too_large"
+
+
+class URITooLong(ProxyError):
+    status_code = 414
+    error_type = "invalid_request_error"
+    code = "uri_too_long"
 
 
 class HeadersTooLarge(ProxyError):

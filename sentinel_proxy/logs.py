@@ -18,6 +18,17 @@ access_logger = logging.getLogger("sentinel_proxy.access")
 # How late a log line may reach stderr; warnings and worse are written at once.
 FLUSH_INTERVAL_SECONDS = 0.2
 _BUFFER_BYTES = 1 << 16
+# Control characters (C0, DEL, C1) and Unicode's line and paragraph separators, written as
+# escapes: a value a client chose can never start a log line of its own.
+_ESCAPES = {
+    code: f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+    for code in [*range(0x20), *range(0x7F, 0xA0), 0x2028, 0x2029]
+}
+
+
+def escape(text: str) -> str:
+    """`text` with control characters written as escapes."""
+    return text if text.isprintable() else text.translate(_ESCAPES)
 
 
 def access_log(fields: dict[str, Any]) -> None:
@@ -44,10 +55,16 @@ class TextFormatter(logging.Formatter):
         return f"{self._stamp},{int(record.msecs):03d}"
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        record.message = escape(record.getMessage())
+        record.asctime = self.formatTime(record)
+        line = self.formatMessage(record)
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(f"{k}={v}" for k, v in fields.items() if v is not None)
+            line += " " + " ".join(
+                f"{k}={escape(str(v))}" for k, v in fields.items() if v is not None
+            )
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
         return line
 
 

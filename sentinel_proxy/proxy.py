@@ -126,28 +126,33 @@ class Proxy:
         if inbound.payload is None:
             return self._router.default, NONE
         model = inbound.model
-        if model is None and (inbound.needs_model or inbound.conversation_id is not None):
-            raise InvalidRequest("model field is required", param="model")
-        route = self._router.select(model)
-        if inbound.conversation_id is None:
-            return route, NONE
-        assert model is not None
-        candidate = Session(
-            id=inbound.conversation_id,
-            provider=route.provider.name,
-            model=route.model or model,
-            created_at=int(time.time()),
-        )
+        conversation_id = inbound.conversation_id
+        if conversation_id is None:
+            if model is None and inbound.needs_model:
+                raise _model_required()
+            return self._router.select(model), NONE
+
+        def make() -> Session:
+            # A follow-up needs no model (its pin supplies one); a first request does.
+            if model is None:
+                raise _model_required()
+            route = self._router.select(model)
+            return Session(
+                conversation_id, route.provider.name, route.model or model, int(time.time())
+            )
+
         try:
-            session, created = await self._store.get_or_create(candidate)
+            session, created = await self._store.get_or_create(conversation_id, None, make)
         except StoreUnavailable:
-            if not self._fail_open:
+            if not self._fail_open or model is None:
                 raise
             logger.warning(
                 "session store unavailable; routing conversation %s without stickiness",
-                candidate.id,
+                conversation_id,
             )
-            return route, DEGRADED
+            return self._router.select(model), DEGRADED
+        pinned = self._router.pinned(session.provider, session.model)
+        assert pinned is not None  # the store only returns sessions the router accepts
         if created:
             logger.debug("session miss for conversation %s", session.id)
             logger.info(
@@ -156,9 +161,7 @@ class Proxy:
                 session.provider,
                 session.model,
             )
-            return Route(route.provider, session.model), CREATED
-        pinned = self._router.pinned(session.provider, session.model)
-        assert pinned is not None  # the store only returns sessions the router accepts
+            return pinned, CREATED
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("session hit for conversation %s", session.id)
             if model != session.model:
@@ -169,6 +172,10 @@ class Proxy:
                     session.model,
                 )
         return pinned, HIT
+
+
+def _model_required() -> InvalidRequest:
+    return InvalidRequest("model field is required", param="model")
 
 
 def _outcome_headers(fields: dict[str, Any]) -> list[tuple[bytes, bytes]]:

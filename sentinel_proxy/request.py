@@ -3,11 +3,14 @@ conversation id and the requested model."""
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 
+from sentinel_proxy.body import DuplicateMember, Member, find_member
+from sentinel_proxy.config import MAX_NAME_LENGTH, is_valid_name
 from sentinel_proxy.exceptions import HeadersTooLarge, InvalidRequest, RequestTooLarge
 
 MAX_CONVERSATION_ID_LENGTH = 256
@@ -36,8 +39,10 @@ class InboundRequest:
     payload: dict[str, Any] | None
     conversation_id: str | None
     model: str | None
-    # Whether conversation_id came in the body (then the body is re-encoded without it).
-    id_in_body: bool = False
+    # Where the body's `model` and `conversation_id` members lie (null values included):
+    # the one is rewritten in place, the other cut out, every other byte left as sent.
+    model_member: Member | None = None
+    id_member: Member | None = None
 
     @property
     def needs_model(self) -> bool:
@@ -78,33 +83,73 @@ async def read_request(
         conversation_id=conversation_id,
         model=None,
     )
-    if method == "POST" and not encoded and _is_json(content_type):
+    # The SDKs send an empty JSON body to the .../cancel endpoints: it goes as it came.
+    if method == "POST" and not encoded and body.strip() and _is_json(content_type):
         _read_payload(request)
     return request
 
 
 def _read_payload(request: InboundRequest) -> None:
-    try:
-        payload = orjson.loads(request.body)
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"We could not parse the JSON body of your request: {exc}") from exc
+    body = request.body
+    payload = _parse(body)
     if not isinstance(payload, dict):
         raise InvalidRequest("The JSON body of your request must be an object.")
     request.payload = payload
-    body_id = payload.get(BODY_FIELD)
     if BODY_FIELD in payload:
-        request.id_in_body = True
-    if body_id is not None:
-        check_conversation_id(body_id)
-        if request.conversation_id is not None and request.conversation_id != body_id:
-            raise InvalidRequest(
-                "The conversation id in the body and in the header differ.", param=BODY_FIELD
-            )
-        request.conversation_id = body_id
-    model = payload.get("model")
-    if model is not None and (not isinstance(model, str) or not model):
-        raise InvalidRequest("model must be a non-empty string.", param="model")
-    request.model = model
+        request.id_member = _member(body, BODY_FIELD)
+        body_id = payload[BODY_FIELD]
+        if body_id is not None:
+            check_conversation_id(body_id)
+            if request.conversation_id is not None and request.conversation_id != body_id:
+                raise InvalidRequest(
+                    "The conversation id in the body and in the header differ.", param=BODY_FIELD
+                )
+            request.conversation_id = body_id
+    if "model" in payload:
+        request.model_member = _member(body, "model")
+        model = payload["model"]
+        if model is not None:
+            request.model = check_model(model)
+
+
+def _parse(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        error = exc
+    # orjson refuses some valid JSON that upstreams accept (a lone surrogate escape, a
+    # number too large for a double): Python's parser takes those, and nothing else.
+    try:
+        return json.loads(body.decode(), parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise InvalidRequest(
+            f"We could not parse the JSON body of your request: {error}"
+        ) from error
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _member(body: bytes, name: str) -> Member:
+    try:
+        return find_member(body, name)
+    except DuplicateMember as exc:
+        raise InvalidRequest(
+            f"The JSON body of your request has more than one {name!r} member.", param=name
+        ) from exc
+
+
+def check_model(value: object) -> str:
+    """A model name that can be stored, logged and sent back in a header, or a 400."""
+    if not is_valid_name(value):
+        raise InvalidRequest(
+            f"model must be a non-empty string of at most {MAX_NAME_LENGTH} printable "
+            "characters, no space at either end.",
+            param="model",
+        )
+    assert isinstance(value, str)
+    return value
 
 
 async def _read_body(receive: Any, limit: int) -> bytes:

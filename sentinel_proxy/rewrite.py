@@ -4,11 +4,14 @@ configuration only, the `model` field from the route, the conversation id stripp
 from __future__ import annotations
 
 import functools
+from urllib.parse import unquote_to_bytes
 
 import httpx
 import orjson
 
+from sentinel_proxy.body import apply, insert_first, remove_member, replace_value
 from sentinel_proxy.config import Config
+from sentinel_proxy.exceptions import InvalidRequest, URITooLong
 from sentinel_proxy.request import BODY_FIELD, InboundRequest
 from sentinel_proxy.routing import Route
 
@@ -28,7 +31,13 @@ HOP_BY_HOP = frozenset(
     }
 )
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# Header names the proxy alone sets: never taken from a client or from an upstream.
+OWN_PREFIX = b"x-sentinel-"
 _PREFIX = b"/v1"
+# httpx refuses longer URLs.
+MAX_URL_LENGTH = 65_536
+# Percent-encoding is undone this many times when looking for dot segments.
+_DECODE_ROUNDS = 3
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 # Distinct upstream URLs whose parsed form is kept: parsing one costs more than the rest
 # of building the request.
@@ -38,8 +47,8 @@ _URL_CACHE_SIZE = 1024
 def filter_headers(
     headers: list[tuple[bytes, bytes]], drop: frozenset[bytes] = HOP_BY_HOP
 ) -> list[tuple[bytes, bytes]]:
-    """The headers less hop-by-hop ones, including those the Connection header names.
-    `drop` must contain b"connection"."""
+    """The headers less hop-by-hop ones, including those the Connection header names, and
+    less the proxy's own x-sentinel-* names. `drop` must contain b"connection"."""
     kept: list[tuple[bytes, bytes]] = []
     named: set[bytes] | None = None
     for name, value in headers:
@@ -47,6 +56,8 @@ def filter_headers(
         if lower in drop:
             if lower == b"connection":
                 named = (named or set()) | {t.strip().lower() for t in value.split(b",")}
+            continue
+        if lower.startswith(OWN_PREFIX):
             continue
         kept.append((name, value))
     if named:
@@ -58,21 +69,22 @@ class Rewriter:
     """Built once from the configuration; `build` does the per-request part."""
 
     def __init__(self, config: Config) -> None:
-        self._drop = _REQUEST_DROP | {config.session.header.encode()}
+        drop = _REQUEST_DROP | {config.session.header.encode()}
         self._auth = {
             p.name: (b"authorization", b"Bearer " + p.api_key.reveal().encode())
             for p in config.providers
             if p.api_key is not None
         }
+        self._drop = {
+            p.name: drop | {b"authorization"} if p.name in self._auth else drop
+            for p in config.providers
+        }
         self._host = {p.name: (b"host", _netloc(p.base_url)) for p in config.providers}
         self._url = functools.lru_cache(maxsize=_URL_CACHE_SIZE)(_upstream_url)
 
     def build(self, inbound: InboundRequest, route: Route) -> httpx.Request:
-        drop = self._drop
         auth = self._auth.get(route.provider.name)
-        if auth is not None:
-            drop = drop | {b"authorization"}
-        headers = filter_headers(inbound.headers, drop)
+        headers = filter_headers(inbound.headers, self._drop[route.provider.name])
         headers.append(self._host[route.provider.name])
         if auth is not None:
             headers.append(auth)
@@ -85,12 +97,45 @@ class Rewriter:
 
 
 def _upstream_url(base_url: str, path: bytes, query: bytes) -> httpx.URL:
-    if path == _PREFIX or path.startswith(_PREFIX + b"/"):
-        path = path[len(_PREFIX) :]
-    url = base_url + path.decode("latin-1")
+    """The provider's base URL plus the request path less /v1: never a URL outside it."""
+    if path != _PREFIX and not path.startswith(_PREFIX + b"/"):
+        raise InvalidRequest("The request path must start with /v1/.")
+    rest = path[len(_PREFIX) :]
+    _check_path(rest)
+    url = base_url + rest.decode("latin-1")
     if query:
         url += "?" + query.decode("latin-1")
-    return httpx.URL(url)
+    if len(url) > MAX_URL_LENGTH:
+        raise URITooLong(f"The request URL is longer than {MAX_URL_LENGTH} bytes upstream.")
+    try:
+        parsed = httpx.URL(url)
+        base = httpx.URL(base_url)
+    except httpx.InvalidURL as exc:
+        raise InvalidRequest("The request path or query string is not a valid URL.") from exc
+    inside = base.raw_path.rstrip(b"/") + b"/"
+    upstream_path = parsed.raw_path.split(b"?", 1)[0]
+    if (parsed.scheme, parsed.netloc) != (base.scheme, base.netloc) or not (
+        upstream_path == base.raw_path or upstream_path.startswith(inside)
+    ):
+        raise InvalidRequest("The request path leaves the API.")
+    return parsed
+
+
+def _check_path(path: bytes) -> None:
+    """Refuse a path with dot segments, empty segments or backslashes, in plain sight or
+    percent-encoded (even twice): an upstream or a server between may resolve them."""
+    for _ in range(_DECODE_ROUNDS):
+        if b"\\" in path or b"//" in path:
+            break
+        if any(segment.split(b";", 1)[0] in (b".", b"..") for segment in path.split(b"/")):
+            break
+        if b"%" not in path:
+            return
+        decoded = unquote_to_bytes(path)
+        if decoded == path:
+            return
+        path = decoded
+    raise InvalidRequest("The request path holds '.', '..', '//' or '\\' segments.")
 
 
 def _netloc(base_url: str) -> bytes:
@@ -98,15 +143,28 @@ def _netloc(base_url: str) -> bytes:
 
 
 def rewrite_body(inbound: InboundRequest, route: Route) -> bytes:
-    """The body to send: the client's bytes untouched unless the model changes or the
-    conversation id has to come out."""
+    """The body to send: the client's bytes, less the conversation id member and with the
+    route's model in place of the requested one, every other byte as it came."""
     payload = inbound.payload
     if payload is None:
         return inbound.body
-    model_changes = route.model is not None and payload.get("model") != route.model
-    if not model_changes and not inbound.id_in_body:
-        return inbound.body
-    payload.pop(BODY_FIELD, None)
-    if model_changes:
-        payload["model"] = route.model
-    return orjson.dumps(payload)
+    body = inbound.body
+    edits: list[tuple[int, int, bytes]] = []
+    added: list[bytes] = []
+    if route.model is not None and route.model != inbound.model:
+        value = orjson.dumps(route.model)
+        if inbound.model_member is not None:
+            edits.append(replace_value(body, inbound.model_member, value))
+        else:
+            added.append(b'"model":' + value)
+    if inbound.id_member is not None:
+        if added:
+            # The added member takes the removed one's place: no comma to fix.
+            start, end = inbound.id_member.key, inbound.id_member.value_end
+            edits.append((start, end, added.pop()))
+        else:
+            edits.append(remove_member(body, inbound.id_member))
+    if added:
+        others = len(payload) > (BODY_FIELD in payload)
+        edits.append(insert_first(body, b",".join(added) + (b"," if others else b"")))
+    return apply(body, edits)

@@ -128,7 +128,35 @@ def test_config_is_frozen() -> None:
             "providers[0].base_url",
             "bad port",
         ),
-        ("[session]\nttl_seconds = -1", {}, "session.ttl_seconds", "at least 1"),
+        ("[session]\nttl_seconds = -1", {}, "session.ttl_seconds", "between 1 and"),
+        ("[session]\nttl_seconds = 10000000000", {}, "session.ttl_seconds", "between 1 and"),
+        ('[session]\nheader = "authorization"', {}, "session.header", "something else"),
+        ('[session]\nheader = "Content-Type"', {}, "session.header", "something else"),
+        ('[session]\nheader = "x-sentinel-id"', {}, "session.header", "something else"),
+        ('[session]\nheader = "x conv"', {}, "session.header", "header name"),
+        ('[session]\nredis_url = "redis://h/zero"', {}, "session.redis_url", "database number"),
+        ("[session]\ntimeout_seconds = 1e300", {}, "session.timeout_seconds", "at most"),
+        ("[server]\nworkers = 100000", {}, "server.workers", "between 1 and"),
+        (
+            '[[providers]]\nname = "a\\u0001"\nbase_url = "http://x"',
+            {},
+            "providers[0].name",
+            "printable",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            f'[models.fast]\ntargets = [{{provider = "a", model = "{"m" * 257}"}}]',
+            {},
+            "models.fast.targets[0].model",
+            "at most 256",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models." fast"]\ntargets = [{provider = "a", model = "m"}]',
+            {},
+            "models.' fast'",
+            "printable",
+        ),
         ('[session]\non_store_error = "maybe"', {}, "session.on_store_error", "closed"),
         ('[session]\nredis_url = "http://x"', {}, "session.redis_url", "redis://"),
         ("[sesion]\nttl_seconds = 1", {}, "sesion", "unknown key"),
@@ -150,6 +178,51 @@ def test_bad_config_names_the_key(
         load_config(write(tmp_path, text), env=env)
     assert info.value.key == key
     assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key", "secret"),
+    [
+        (
+            '[[providers]]\nname = "a"\nbase_url = "https://user:hunter2@x/v1"',
+            {},
+            "providers[0].base_url",
+            "hunter2",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\napi_key_env = "K"',
+            {"K": "sk-hunter2\n"},
+            "providers[0].api_key_env",
+            "hunter2",
+        ),
+        ('[session]\nredis_url = "redis://:hun#ter2@h:6379/0"', {}, "session.redis_url", "hun"),
+        ('[session]\nredis_url = "redis://:hunter2@h:port/0"', {}, "session.redis_url", "hunter2"),
+    ],
+)
+def test_bad_secrets_are_named_by_key_and_never_shown(
+    tmp_path: Path, text: str, env: dict[str, str], key: str, secret: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert info.value.key == key
+    assert secret not in str(info.value)
+
+
+def test_percent_encoded_redis_password_is_accepted(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, '[session]\nredis_url = "redis://:a%23b@h:1/2"'), env={})
+    assert config.session.redis_url == Secret("redis://:a%23b@h:1/2")
+
+
+def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'[server]\nhost = "caf\xe9"\n')
+    with pytest.raises(ConfigError, match="not UTF-8"):
+        load_config(str(path), env={})
+
+
+def test_fractional_grace_period_is_kept(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, "[server]\nshutdown_grace_seconds = 0.5"), env={})
+    assert config.server.shutdown_grace_seconds == 0.5
 
 
 def test_unreadable_file() -> None:

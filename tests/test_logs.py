@@ -3,6 +3,7 @@ from __future__ import annotations
 import io
 import logging
 import logging.config
+import sys
 import time
 
 import orjson
@@ -25,6 +26,26 @@ def test_text_lines_carry_the_fields() -> None:
     line = TextFormatter().format(record(status=200, provider="a", model=None))
     assert line.endswith("INFO sentinel_proxy.access request status=200 provider=a")
     assert line[:4].isdigit() and line[19] == ","  # 2026-01-01 00:00:00,000
+
+
+def test_text_fields_and_messages_cannot_start_a_new_line() -> None:
+    forged = record(path="/v1/models\nforged=1 status=200", model="m\r\x1b[2J\u2028x")
+    forged.msg, forged.args = "conversation %s", ("c\n2026-01-01 00:00:00,000 ERROR fake",)
+    line = TextFormatter().format(forged)
+    assert line.splitlines() == [line]
+    assert "path=/v1/models\\x0aforged=1" in line
+    assert "model=m\\x0d\\x1b[2J\\u2028x" in line
+    assert "conversation c\\x0a2026" in line
+
+
+def test_text_tracebacks_stay_readable() -> None:
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        failed = logging.LogRecord("x", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    lines = TextFormatter().format(failed).splitlines()
+    assert lines[0].endswith("ERROR x failed") and lines[1].startswith("Traceback")
+    assert lines[-1] == "ValueError: boom"
 
 
 def test_json_lines_are_one_object_each() -> None:

@@ -19,6 +19,7 @@ from sentinel_proxy.config import Alias, Config, Provider, Secret, SessionConfig
 from sentinel_proxy.exceptions import StoreUnavailable
 from sentinel_proxy.routing import Router
 from sentinel_proxy.sessions import MemoryStore, Session, SessionStore
+from sentinel_proxy.sessions.base import Maker
 from tests.support.redis_server import RedisServer
 
 A = Provider("a", "http://a.test/v1")
@@ -220,7 +221,9 @@ async def test_session_pins_provider_and_model_whatever_model_is_asked() -> None
 
 
 class BrokenStore(MemoryStore):
-    async def get_or_create(self, candidate: Session) -> tuple[Session, bool]:
+    async def get_or_create(
+        self, conversation_id: str, external_id: str | None, make: Maker
+    ) -> tuple[Session, bool]:
         raise StoreUnavailable("the session store is unreachable")
 
     async def ping(self) -> bool:
@@ -363,3 +366,79 @@ async def test_clients_leaving_mid_lookup_never_get_another_conversations_provid
                     assert task.result() == pinned[cid], cid
                     completed += 1
         assert completed >= 250
+
+
+async def test_a_follow_up_without_model_is_served_by_its_pin() -> None:
+    mock = respx.MockRouter(assert_all_called=False)
+    routes = {"a": chat_route(mock, "a.test"), "b": chat_route(mock, "b.test")}
+    async with serve(config(), mock) as client:
+        first = await client.post(
+            "/v1/chat/completions", json={"model": "fast", "conversation_id": "c1"}
+        )
+        pinned = first.headers["x-sentinel-provider"]
+        follow_up = await client.post(
+            "/v1/chat/completions", json={"messages": []}, headers={"x-conversation-id": "c1"}
+        )
+        unknown = await client.post(
+            "/v1/chat/completions", json={"messages": []}, headers={"x-conversation-id": "c2"}
+        )
+    assert follow_up.status_code == 200
+    assert follow_up.headers["x-sentinel-session"] == "hit"
+    assert follow_up.headers["x-sentinel-provider"] == pinned
+    expected_model = {"a": "m-a", "b": "m-b"}[pinned]
+    assert sent_json(routes[pinned]) == {"model": expected_model, "messages": []}
+    # Nothing to pin for a conversation that does not exist yet and names no model.
+    assert unknown.status_code == 400
+    assert unknown.json()["error"]["message"] == "model field is required"
+
+
+async def test_a_model_that_cannot_be_a_header_is_refused_and_never_pinned() -> None:
+    mock = respx.MockRouter(assert_all_called=False)
+    route = chat_route(mock, "a.test")
+    store = MemoryStore(ttl_seconds=60, max_sessions=10)
+    async with serve(config(), mock, lambda cfg, router: store) as client:
+        bad = await client.post(
+            "/v1/chat/completions", json={"model": "x\u0001", "conversation_id": "c"}
+        )
+        huge = await client.post(
+            "/v1/chat/completions", json={"model": "m" * 10_000, "conversation_id": "c"}
+        )
+        stored = len(store)
+        good = await client.post(
+            "/v1/chat/completions", json={"model": "gpt-4o", "conversation_id": "c"}
+        )
+    assert (bad.status_code, huge.status_code) == (400, 400)
+    assert bad.json()["error"]["param"] == "model"
+    assert stored == 0 and route.call_count == 1
+    assert good.status_code == 200 and good.headers["x-sentinel-session"] == "created"
+
+
+async def test_an_empty_json_post_is_forwarded() -> None:
+    mock = respx.MockRouter()
+    route = mock.post("http://a.test/v1/batches/b1/cancel").mock(
+        return_value=httpx.Response(200, json={"id": "b1", "status": "cancelling"})
+    )
+    async with serve(config(), mock) as client:
+        response = await client.post(
+            "/v1/batches/b1/cancel", headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 200
+    assert route.calls.last.request.content == b""
+
+
+async def test_upstream_x_sentinel_headers_never_reach_the_client() -> None:
+    mock = respx.MockRouter()
+    chat_route(mock, headers={"x-sentinel-session": "forged", "x-sentinel-extra": "1"})
+    async with serve(config(), mock) as client:
+        response = await client.post("/v1/chat/completions", json={"model": "gpt-4o"})
+    assert response.headers.get_list("x-sentinel-session") == ["none"]
+    assert "x-sentinel-extra" not in response.headers
+
+
+async def test_a_path_that_leaves_the_api_is_400_and_sends_nothing() -> None:
+    mock = respx.MockRouter(assert_all_called=False)
+    async with serve(config(), mock) as client:
+        response = await client.get("/v1/%2e%2e/%2e%2e/admin")
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "invalid_request"
+    assert not mock.calls

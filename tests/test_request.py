@@ -45,13 +45,14 @@ async def read(body: bytes, headers: list[tuple[bytes, bytes]] = JSON, **kw: Any
 async def test_json_body_with_conversation_id() -> None:
     request = await read(b'{"model": "m", "conversation_id": "c1"}')
     assert request.payload == {"model": "m", "conversation_id": "c1"}
-    assert (request.conversation_id, request.model, request.id_in_body) == ("c1", "m", True)
+    assert (request.conversation_id, request.model) == ("c1", "m")
+    assert request.id_member is not None
 
 
 async def test_header_conversation_id() -> None:
     request = await read(b'{"model": "m"}', JSON + [(HEADER, b"c2")])
     assert request.conversation_id == "c2"
-    assert not request.id_in_body
+    assert request.id_member is None
 
 
 async def test_same_id_in_both_places_is_fine_but_different_is_400() -> None:
@@ -80,7 +81,7 @@ async def test_bad_conversation_id(body: bytes) -> None:
 async def test_null_conversation_id_means_none() -> None:
     request = await read(b'{"model": "m", "conversation_id": null}')
     assert request.conversation_id is None
-    assert request.id_in_body  # still stripped before going upstream
+    assert request.id_member is not None  # still stripped before going upstream
 
 
 async def test_bad_header_conversation_id() -> None:
@@ -88,7 +89,7 @@ async def test_bad_header_conversation_id() -> None:
         await read(b'{"model": "m"}', JSON + [(HEADER, b"\xff\xfe")])
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b""])
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'"text"', b"{} x", b"\xff"])
 async def test_malformed_or_non_object_json_is_400(body: bytes) -> None:
     with pytest.raises(InvalidRequest):
         await read(body)
@@ -151,3 +152,55 @@ async def test_oversized_headers_are_refused_before_the_body_is_read() -> None:
     with pytest.raises(HeadersTooLarge) as info:
         await read_request(scope(headers), receive, max_body_bytes=100, id_header=HEADER)
     assert info.value.status_code == 431
+
+
+async def test_an_empty_json_body_is_forwarded_unparsed() -> None:
+    # The SDKs send this for batches.cancel, fine_tuning.jobs.cancel, responses.cancel.
+    for body in (b"", b"  \r\n"):
+        request = await read(body)
+        assert request.payload is None and request.body == body
+
+
+@pytest.mark.parametrize(
+    "model",
+    ['"x\\u0001"', '"' + "m" * 257 + '"', '" gpt"', '"gpt\\n"', '"\\u2028"', '""', "4"],
+)
+async def test_a_model_that_cannot_be_a_header_is_400(model: str) -> None:
+    with pytest.raises(InvalidRequest) as info:
+        await read_request(
+            scope(JSON),
+            receiver(b'{"model": ' + model.encode() + b"}"),
+            max_body_bytes=1000,
+            id_header=HEADER,
+        )
+    assert info.value.param == "model"
+
+
+async def test_a_long_printable_model_is_fine() -> None:
+    body = b'{"model": "' + "\u00e9".encode() * 256 + b'"}'
+    request = await read_request(scope(JSON), receiver(body), max_body_bytes=1000, id_header=HEADER)
+    assert request.model == "\u00e9" * 256
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "a", "model": "b"}',
+        b'{"model": "a", "mod\\u0065l": "b"}',
+        b'{"conversation_id": "a", "conversation_id": "b", "model": "m"}',
+    ],
+)
+async def test_a_key_the_proxy_routes_on_named_twice_is_400(body: bytes) -> None:
+    with pytest.raises(InvalidRequest, match="more than one"):
+        await read(body)
+
+
+async def test_valid_json_that_orjson_refuses_is_still_read() -> None:
+    request = await read(b'{"model": "m", "x": "\\ud800", "y": 1e400}')
+    assert request.model == "m" and request.payload["x"] == "\ud800"
+
+
+@pytest.mark.parametrize("body", [b'{"model": NaN}', b'{"a": Infinity}'])
+async def test_non_json_constants_are_refused(body: bytes) -> None:
+    with pytest.raises(InvalidRequest):
+        await read(body)

@@ -41,7 +41,9 @@ def session_key(conversation_id: str, external_id: str | None = None) -> str:
     return f"{KEY_PREFIX}{external_id}:{conversation_id}"
 
 
-def decode_session(raw: bytes | str, *, expected: Session) -> Session | None:
+def decode_session(
+    raw: bytes | str, conversation_id: str, external_id: str | None
+) -> Session | None:
     """The stored session, or None when the value is not one, or not the one asked for.
 
     The id check is defence in depth against a reply meant for another command reaching
@@ -55,27 +57,33 @@ def decode_session(raw: bytes | str, *, expected: Session) -> Session | None:
         return None
     provider, model, created_at = data.get("provider"), data.get("model"), data.get("created_at")
     if (
-        data.get("id") != expected.id
-        or data.get("external_id") != expected.external_id
+        data.get("id") != conversation_id
+        or data.get("external_id") != external_id
         or not isinstance(provider, str)
         or not isinstance(model, str)
         or isinstance(created_at, bool)
         or not isinstance(created_at, int)
     ):
         return None
-    return Session(expected.id, provider, model, created_at, expected.external_id)
+    return Session(conversation_id, provider, model, created_at, external_id)
 
 
 # Decides whether a decoded session can still be served (its provider may be gone from config).
 Acceptor = Callable[[Session], bool]
+# Makes the session to store for a conversation that has none; may raise a ProxyError
+# (a request that cannot start a conversation), which the store lets through.
+Maker = Callable[[], Session]
 
 
 class SessionStore(Protocol):
     """Where sessions live. Every method raises StoreUnavailable, never a library's error."""
 
-    async def get_or_create(self, candidate: Session) -> tuple[Session, bool]:
-        """The stored session for candidate's conversation, renewing its TTL, or else
-        candidate, stored atomically. Returns (session, created)."""
+    async def get_or_create(
+        self, conversation_id: str, external_id: str | None, make: Maker
+    ) -> tuple[Session, bool]:
+        """The stored session of the conversation, its TTL renewed, or else the one `make`
+        returns, stored atomically: of concurrent first requests one session wins and
+        every one gets it. Returns (session, created)."""
 
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
         """The stored session without renewing it (debug endpoint)."""

@@ -6,7 +6,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sentinel_proxy.sessions.base import Acceptor, Session, session_key
+from sentinel_proxy.sessions.base import Acceptor, Maker, Session, session_key
 
 
 class MemoryStore:
@@ -30,14 +30,17 @@ class MemoryStore:
     def __len__(self) -> int:
         return len(self._items)
 
-    async def get_or_create(self, candidate: Session) -> tuple[Session, bool]:
-        key = candidate.key
+    async def get_or_create(
+        self, conversation_id: str, external_id: str | None, make: Maker
+    ) -> tuple[Session, bool]:
+        key = session_key(conversation_id, external_id)
         now = self._clock()
         found = self._live(key, now)
         if found is not None and self._accept(found):
             self._items[key] = (found, now + self._ttl)
             self._items.move_to_end(key)
             return found, False
+        candidate = make()
         self._items[key] = (candidate, now + self._ttl)
         self._items.move_to_end(key)
         while len(self._items) > self._max:

@@ -11,7 +11,7 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import RedisError, ResponseError
 
 from sentinel_proxy.exceptions import StoreUnavailable
-from sentinel_proxy.sessions.base import Acceptor, Session, decode_session, session_key
+from sentinel_proxy.sessions.base import Acceptor, Maker, Session, decode_session, session_key
 from sentinel_proxy.sessions.breaker import CircuitBreaker
 
 logger = logging.getLogger("sentinel_proxy.sessions")
@@ -186,14 +186,15 @@ class RedisStore:
     def breaker(self) -> CircuitBreaker:
         return self._breaker
 
-    async def get_or_create(self, candidate: Session) -> tuple[Session, bool]:
-        return await self._guarded(self._get_or_create, candidate)
+    async def get_or_create(
+        self, conversation_id: str, external_id: str | None, make: Maker
+    ) -> tuple[Session, bool]:
+        return await self._guarded(self._get_or_create, conversation_id, external_id, make)
 
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
-        probe = Session(conversation_id, "", "", 0, external_id)
         key = session_key(conversation_id, external_id)
         raw = await self._guarded(self._redis.call, "GET", key)
-        return None if raw is None else decode_session(raw, expected=probe)
+        return None if raw is None else decode_session(raw, conversation_id, external_id)
 
     async def delete(self, conversation_id: str, external_id: str | None = None) -> bool:
         key = session_key(conversation_id, external_id)
@@ -211,22 +212,27 @@ class RedisStore:
     async def aclose(self) -> None:
         await self._redis.aclose()
 
-    async def _get_or_create(self, candidate: Session) -> tuple[Session, bool]:
-        key = candidate.key
+    async def _get_or_create(
+        self, conversation_id: str, external_id: str | None, make: Maker
+    ) -> tuple[Session, bool]:
+        key = session_key(conversation_id, external_id)
         call = self._redis.call
         raw = await call("GETEX", key, "EX", self._ttl)
+        candidate: Session | None = None
         for _ in range(_ATTEMPTS):
             if raw is None:
+                candidate = candidate or make()
                 value = candidate.to_json()
                 if await call("SET", key, value, "NX", "EX", self._ttl) is not None:
                     return candidate, True
                 # Another request created it between our GETEX and SET: use theirs.
                 raw = await call("GETEX", key, "EX", self._ttl)
                 continue
-            found = decode_session(raw, expected=candidate)
+            found = decode_session(raw, conversation_id, external_id)
             if found is not None and self._accept(found):
                 return found, False
-            logger.warning("replacing unusable session value for conversation %s", candidate.id)
+            logger.warning("replacing unusable session value for conversation %s", conversation_id)
+            candidate = candidate or make()
             value = candidate.to_json()
             stored = await call("EVAL", _REPLACE, 1, key, raw, value, self._ttl)
             if stored == value:

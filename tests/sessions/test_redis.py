@@ -13,6 +13,7 @@ import pytest
 from sentinel_proxy.exceptions import StoreUnavailable
 from sentinel_proxy.sessions import CircuitBreaker, RedisStore, Session
 from tests.support.redis_server import RedisServer
+from tests.support.sessions import get_or_create
 
 BUDGET = 0.2
 
@@ -50,7 +51,7 @@ def session(cid: str, provider: str = "a", model: str = "m") -> Session:
 async def test_first_request_stores_the_session_as_json_with_the_ttl(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
-    created, is_new = await store.get_or_create(session("c1", "a", "m-a"))
+    created, is_new = await get_or_create(store, session("c1", "a", "m-a"))
     assert is_new and created.provider == "a"
     with redis_server.client() as r:
         stored = orjson.loads(r.get("sentinel:session:c1"))
@@ -68,10 +69,10 @@ async def test_first_request_stores_the_session_as_json_with_the_ttl(
 async def test_hit_returns_the_stored_session_and_renews_its_ttl(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
-    await store.get_or_create(session("c1", "a", "m-a"))
+    await get_or_create(store, session("c1", "a", "m-a"))
     with redis_server.client() as r:
         r.expire("sentinel:session:c1", 5)
-    found, is_new = await store.get_or_create(session("c1", "b", "m-b"))
+    found, is_new = await get_or_create(store, session("c1", "b", "m-b"))
     assert not is_new and (found.provider, found.model) == ("a", "m-a")
     with redis_server.client() as r:
         assert r.ttl("sentinel:session:c1") > 90
@@ -81,7 +82,7 @@ async def test_fifty_concurrent_first_requests_agree_on_one_session(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
     candidates = [session("race", random.choice("abcdef"), f"m{i}") for i in range(50)]
-    results = await asyncio.gather(*(store.get_or_create(c) for c in candidates))
+    results = await asyncio.gather(*(get_or_create(store, c) for c in candidates))
     assert len({(s.provider, s.model) for s, _ in results}) == 1
     assert sum(created for _, created in results) == 1
     with redis_server.client() as r:
@@ -104,7 +105,7 @@ async def test_unusable_stored_value_is_a_miss_and_is_overwritten(
 ) -> None:
     with redis_server.client() as r:
         r.set("sentinel:session:c1", raw)
-    found, is_new = await store.get_or_create(session("c1", "b", "m-b"))
+    found, is_new = await get_or_create(store, session("c1", "b", "m-b"))
     assert is_new and found.provider == "b"
     with redis_server.client() as r:
         assert orjson.loads(r.get("sentinel:session:c1"))["provider"] == "b"
@@ -116,15 +117,15 @@ async def test_session_of_a_removed_provider_is_replaced(
 ) -> None:
     store = make_store(redis_url, accept=lambda s: s.provider != "gone")
     try:
-        await store.get_or_create(session("c1", "gone"))
-        found, is_new = await store.get_or_create(session("c1", "a"))
+        await get_or_create(store, session("c1", "gone"))
+        found, is_new = await get_or_create(store, session("c1", "a"))
     finally:
         await store.aclose()
     assert is_new and found.provider == "a"
 
 
 async def test_get_and_delete(store: RedisStore) -> None:
-    await store.get_or_create(session("c1", "a"))
+    await get_or_create(store, session("c1", "a"))
     found = await store.get("c1")
     assert found is not None and found.provider == "a"
     assert await store.delete("c1")
@@ -141,18 +142,18 @@ async def test_redis_down_fails_within_budget_then_breaker_opens_then_recovers(
         for _ in range(2):
             started = time.monotonic()
             with pytest.raises(StoreUnavailable):
-                await store.get_or_create(session("c1"))
+                await get_or_create(store, session("c1"))
             assert time.monotonic() - started < 1.0
         assert store.breaker.state == "open"
         with pytest.raises(StoreUnavailable, match="circuit open"):
-            await store.get_or_create(session("c1"))
+            await get_or_create(store, session("c1"))
         assert not await store.ping()
         redis_server.start()
         # The breaker lets a trial through once its reset time has passed; poll for it.
         deadline = time.monotonic() + 5
         while True:
             try:
-                found, _ = await store.get_or_create(session("c1"))
+                found, _ = await get_or_create(store, session("c1"))
                 break
             except StoreUnavailable:
                 assert time.monotonic() < deadline, "the store never recovered"
@@ -168,11 +169,11 @@ async def test_black_holed_redis_costs_at_most_the_budget(
 ) -> None:
     store = make_store(redis_url)
     try:
-        await store.get_or_create(session("warm"))  # a pooled connection exists
+        await get_or_create(store, session("warm"))  # a pooled connection exists
         redis_server.pause()
         started = time.monotonic()
         with pytest.raises(StoreUnavailable, match="in time"):
-            await store.get_or_create(session("c1"))
+            await get_or_create(store, session("c1"))
         assert time.monotonic() - started < BUDGET + 0.5
     finally:
         redis_server.resume()
@@ -187,14 +188,14 @@ async def test_a_busy_proxy_waits_longer_than_the_budget_while_redis_answers(
     fails and the breaker stays shut."""
     store = make_store(redis_url, budget=0.15, connections=1, failures=1)
     try:
-        await store.get_or_create(session("warm"))  # connected, so only waiting remains
+        await get_or_create(store, session("warm"))  # connected, so only waiting remains
         started = time.monotonic()
-        await asyncio.gather(*(store.get_or_create(session(f"probe-{i}")) for i in range(200)))
+        await asyncio.gather(*(get_or_create(store, session(f"probe-{i}")) for i in range(200)))
         per_call = (time.monotonic() - started) / 200
         count = int(0.45 / per_call)  # about three budgets' worth of queued calls
         started = time.monotonic()
         results = await asyncio.gather(
-            *(store.get_or_create(session(f"busy-{i}")) for i in range(count)),
+            *(get_or_create(store, session(f"busy-{i}")) for i in range(count)),
             return_exceptions=True,
         )
         elapsed = time.monotonic() - started
@@ -215,13 +216,13 @@ async def test_cancelled_commands_never_hand_their_reply_to_another_request(
     ids = [f"conv-{i}" for i in range(200)]
     try:
         for cid in ids:
-            await store.get_or_create(session(cid, f"provider-{cid}", f"model-{cid}"))
+            await get_or_create(store, session(cid, f"provider-{cid}", f"model-{cid}"))
         rng = random.Random(7)
         completed = 0
         for _ in range(5):
             tasks = []
             for cid in ids:
-                task = asyncio.ensure_future(store.get_or_create(session(cid, "wrong", "wrong")))
+                task = asyncio.ensure_future(get_or_create(store, session(cid, "wrong", "wrong")))
                 tasks.append((cid, task))
             for _, task in rng.sample(tasks, len(tasks) // 3):
                 asyncio.get_running_loop().call_later(rng.random() * 0.003, task.cancel)
@@ -246,11 +247,11 @@ async def test_concurrent_calls_are_pipelined_on_one_connection(
     store: RedisStore, redis_server: RedisServer
 ) -> None:
     for i in range(50):
-        await store.get_or_create(session(f"c{i}", "a", f"m{i}"))  # one connection, warm
+        await get_or_create(store, session(f"c{i}", "a", f"m{i}"))  # one connection, warm
     with redis_server.client() as r:
         before = r.info("stats")["total_connections_received"]
     results = await asyncio.gather(
-        *(store.get_or_create(session(f"c{i}", "b", "other")) for i in range(50))
+        *(get_or_create(store, session(f"c{i}", "b", "other")) for i in range(50))
     )
     with redis_server.client() as r:
         # Our own admin connection is the only new one.
@@ -265,8 +266,8 @@ async def test_an_error_reply_fails_only_its_own_call(
 ) -> None:
     with redis_server.client() as r:
         r.rpush("sentinel:session:wrong-type", "x")  # GETEX on a list: WRONGTYPE
-    calls = [store.get_or_create(session(f"c{i}", "a", f"m{i}")) for i in range(10)]
-    calls.insert(5, store.get_or_create(session("wrong-type")))
+    calls = [get_or_create(store, session(f"c{i}", "a", f"m{i}")) for i in range(10)]
+    calls.insert(5, get_or_create(store, session("wrong-type")))
     results = await asyncio.gather(*calls, return_exceptions=True)
     assert isinstance(results.pop(5), StoreUnavailable)
     assert [(s.id, s.model) for s, _ in results] == [  # type: ignore[misc]
@@ -279,13 +280,13 @@ async def test_a_reply_that_comes_after_its_caller_gave_up_goes_to_nobody(
 ) -> None:
     store = make_store(redis_url)
     try:
-        await store.get_or_create(session("a", "provider-a"))
-        await store.get_or_create(session("b", "provider-b"))
+        await get_or_create(store, session("a", "provider-a"))
+        await get_or_create(store, session("b", "provider-b"))
         redis_server.pause()
         with pytest.raises(StoreUnavailable):
-            await store.get_or_create(session("a", "wrong"))
+            await get_or_create(store, session("a", "wrong"))
         redis_server.resume()
-        found, created = await store.get_or_create(session("b", "wrong"))
+        found, created = await get_or_create(store, session("b", "wrong"))
         assert (found.id, found.provider, created) == ("b", "provider-b", False)
     finally:
         redis_server.ensure_running()
