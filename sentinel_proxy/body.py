@@ -12,82 +12,89 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 
+# The escapes that could spell a lowercase letter or '_' of a key: \u005f, \u0061..\u007a.
+_LETTER_ESCAPE = re.compile(rb"\\u00[567]")
 _STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _STRING_OR_BRACKET = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[\[\]{}]', re.DOTALL)
 _SCALAR = re.compile(rb"[^\s,}\]]+")
 _SPACE = re.compile(rb"[ \t\n\r]*")
+_BLANK = frozenset(b" \t\n\r")
 _OPEN = frozenset(b"[{")
 _QUOTE = ord('"')
+_BACKSLASH = ord("\\")
 _COMMA = ord(",")
 _CLOSE_OBJECT = ord("}")
+
+# Where one top-level member lies: (key, value_start, value_end), the key from its opening
+# quote, the value over [value_start, value_end). A plain tuple: this is on every request.
+Member = tuple[int, int, int]
+# An edit of the body: replace [start, end) with the bytes.
+Edit = tuple[int, int, bytes]
 
 
 class DuplicateMember(ValueError):
     """The object names a key twice: the proxy and the upstream might read different ones."""
 
 
-@dataclass(frozen=True, slots=True)
-class Member:
-    """Where one top-level member lies: `key` starts at its opening quote, the value
-    spans [value_start, value_end)."""
-
-    key: int
-    value_start: int
-    value_end: int
+def plain_keys(body: bytes) -> bool:
+    """Whether no key in `body` can be an escaped spelling of a lowercase name."""
+    return b"\\u00" not in body or _LETTER_ESCAPE.search(body) is None
 
 
-def find_member(body: bytes, name: str) -> Member:
-    """The top-level member `name`, which the parsed object is known to hold.
+def find_member(body: bytes, key: bytes, *, plain: bool) -> Member:
+    """The top-level member whose key is `key` (the name as a JSON string, `b'"model"'`),
+    which the parsed object is known to hold; `plain` is what `plain_keys(body)` says.
 
-    Raises DuplicateMember when the object holds `name` more than once, however spelt."""
-    quoted = b'"' + name.encode() + b'"'
-    if b"\\u" not in body and body.count(quoted) == 1:
-        # Without \u escapes the key can only be spelt one way, so its one occurrence in
-        # the whole body is the member (a member's key is such an occurrence).
-        start = body.index(quoted)
-        colon = _SPACE.match(body, start + len(quoted)).end()  # type: ignore[union-attr]
-        value = _SPACE.match(body, colon + 1).end()  # type: ignore[union-attr]
-        return Member(start, value, _value_end(body, value))
-    found = [member for key, member in _members(body) if key == name]
+    Raises DuplicateMember when the object holds the key more than once, however spelt."""
+    start = body.find(key)
+    if plain and start >= 0 and body.find(key, start + len(key)) < 0:
+        # Spelt without escapes, a key has one form: its only occurrence in the whole
+        # body is the member (a member's key is such an occurrence).
+        value = _skip_blank(body, _skip_blank(body, start + len(key)) + 1)
+        return start, value, _value_end(body, value)
+    name = key[1:-1].decode()
+    found = [member for found_name, member in _members(body) if found_name == name]
     if len(found) != 1:
         raise DuplicateMember(name)
     return found[0]
 
 
-def replace_value(body: bytes, member: Member, value: bytes) -> tuple[int, int, bytes]:
+def replace_value(member: Member, value: bytes) -> Edit:
     """The edit that puts `value` (JSON text) in place of the member's value."""
-    return member.value_start, member.value_end, value
+    return member[1], member[2], value
 
 
-def remove_member(body: bytes, member: Member) -> tuple[int, int, bytes]:
+def remove_member(body: bytes, member: Member) -> Edit:
     """The edit that cuts the member out with one of the commas beside it."""
-    after = _SPACE.match(body, member.value_end).end()  # type: ignore[union-attr]
+    key, _, value_end = member
+    after = _skip_blank(body, value_end)
     if body[after] == _COMMA:
-        following = _SPACE.match(body, after + 1).end()  # type: ignore[union-attr]
-        return member.key, following, b""
-    before = _back_over_space(body, member.key)
+        return key, _skip_blank(body, after + 1), b""
+    before = key
+    while body[before - 1] in _BLANK:
+        before -= 1
     if body[before - 1] == _COMMA:
-        return before - 1, member.value_end, b""
-    return member.key, member.value_end, b""
+        return before - 1, value_end, b""
+    return key, value_end, b""
 
 
-def insert_first(body: bytes, members: bytes) -> tuple[int, int, bytes]:
+def insert_first(body: bytes, members: bytes) -> Edit:
     """The edit that puts `members` (`"name":value` text, with a trailing comma when
     members follow) right after the object's opening brace."""
-    start = _SPACE.match(body).end() + 1  # type: ignore[union-attr]
+    start = _skip_blank(body, 0) + 1
     return start, start, members
 
 
-def apply(body: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
-    """`body` with non-overlapping edits (start, end, replacement) made."""
-    if not edits:
-        return body
+def apply(body: bytes, edits: list[Edit]) -> bytes:
+    """`body` with non-overlapping edits made."""
+    if len(edits) == 1:
+        start, end, replacement = edits[0]
+        return body[:start] + replacement + body[end:]
     parts: list[bytes] = []
     position = 0
     # An insertion sorts before a removal that starts where it does.
-    for start, end, replacement in sorted(edits, key=lambda edit: edit[:2]):
+    for start, end, replacement in sorted(edits):
         parts.append(body[position:start])
         parts.append(replacement)
         position = end
@@ -97,8 +104,7 @@ def apply(body: bytes, edits: list[tuple[int, int, bytes]]) -> bytes:
 
 def _members(body: bytes) -> list[tuple[str, Member]]:
     members: list[tuple[str, Member]] = []
-    position = _SPACE.match(body).end() + 1  # type: ignore[union-attr]
-    position = _SPACE.match(body, position).end()  # type: ignore[union-attr]
+    position = _skip_blank(body, _skip_blank(body, 0) + 1)
     if body[position] == _CLOSE_OBJECT:
         return members
     while True:
@@ -106,19 +112,27 @@ def _members(body: bytes) -> list[tuple[str, Member]]:
         assert key is not None
         raw = key.group()
         name = json.loads(raw.decode()) if b"\\" in raw else raw[1:-1].decode()
-        colon = _SPACE.match(body, key.end()).end()  # type: ignore[union-attr]
-        value = _SPACE.match(body, colon + 1).end()  # type: ignore[union-attr]
+        value = _skip_blank(body, _skip_blank(body, key.end()) + 1)
         end = _value_end(body, value)
-        members.append((name, Member(position, value, end)))
-        position = _SPACE.match(body, end).end()  # type: ignore[union-attr]
+        members.append((name, (position, value, end)))
+        position = _skip_blank(body, end)
         if body[position] != _COMMA:
             return members
-        position = _SPACE.match(body, position + 1).end()  # type: ignore[union-attr]
+        position = _skip_blank(body, position + 1)
+
+
+def _skip_blank(body: bytes, position: int) -> int:
+    if body[position] not in _BLANK:
+        return position
+    return _SPACE.match(body, position).end()  # type: ignore[union-attr]
 
 
 def _value_end(body: bytes, start: int) -> int:
     first = body[start]
     if first == _QUOTE:
+        end = body.find(b'"', start + 1)
+        if body[end - 1] != _BACKSLASH:
+            return end + 1
         return _STRING.match(body, start).end()  # type: ignore[union-attr]
     if first not in _OPEN:
         return _SCALAR.match(body, start).end()  # type: ignore[union-attr]
@@ -131,9 +145,3 @@ def _value_end(body: bytes, start: int) -> int:
         if depth == 0:
             return token.end()
     raise AssertionError("unbalanced JSON: the body must be parsed before it is edited")
-
-
-def _back_over_space(body: bytes, position: int) -> int:
-    while body[position - 1] in b" \t\n\r":
-        position -= 1
-    return position

@@ -9,7 +9,7 @@ from typing import Any
 
 import orjson
 
-from sentinel_proxy.body import DuplicateMember, Member, find_member
+from sentinel_proxy.body import DuplicateMember, Member, find_member, plain_keys
 from sentinel_proxy.config import MAX_NAME_LENGTH, is_valid_name
 from sentinel_proxy.exceptions import HeadersTooLarge, InvalidRequest, RequestTooLarge
 
@@ -17,6 +17,8 @@ MAX_CONVERSATION_ID_LENGTH = 256
 # uvicorn's httptools parser takes headers of any size; nothing this large goes upstream.
 MAX_HEADER_BYTES = 64 * 1024
 BODY_FIELD = "conversation_id"
+_ID_KEY = b'"conversation_id"'
+_MODEL_KEY = b'"model"'
 # Endpoints that cannot be routed without a model: a request to them must name one.
 MODEL_PATHS = frozenset(
     {b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses"}
@@ -95,8 +97,9 @@ def _read_payload(request: InboundRequest) -> None:
     if not isinstance(payload, dict):
         raise InvalidRequest("The JSON body of your request must be an object.")
     request.payload = payload
+    plain = (BODY_FIELD in payload or "model" in payload) and plain_keys(body)
     if BODY_FIELD in payload:
-        request.id_member = _member(body, BODY_FIELD)
+        request.id_member = _member(body, _ID_KEY, plain)
         body_id = payload[BODY_FIELD]
         if body_id is not None:
             check_conversation_id(body_id)
@@ -106,7 +109,7 @@ def _read_payload(request: InboundRequest) -> None:
                 )
             request.conversation_id = body_id
     if "model" in payload:
-        request.model_member = _member(body, "model")
+        request.model_member = _member(body, _MODEL_KEY, plain)
         model = payload["model"]
         if model is not None:
             request.model = check_model(model)
@@ -131,10 +134,11 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _member(body: bytes, name: str) -> Member:
+def _member(body: bytes, key: bytes, plain: bool) -> Member:
     try:
-        return find_member(body, name)
+        return find_member(body, key, plain=plain)
     except DuplicateMember as exc:
+        name = str(exc)
         raise InvalidRequest(
             f"The JSON body of your request has more than one {name!r} member.", param=name
         ) from exc

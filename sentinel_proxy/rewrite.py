@@ -9,7 +9,7 @@ from urllib.parse import unquote_to_bytes
 import httpx
 import orjson
 
-from sentinel_proxy.body import apply, insert_first, remove_member, replace_value
+from sentinel_proxy.body import Edit, apply, insert_first, remove_member, replace_value
 from sentinel_proxy.config import Config
 from sentinel_proxy.exceptions import InvalidRequest, URITooLong
 from sentinel_proxy.request import BODY_FIELD, InboundRequest
@@ -149,18 +149,18 @@ def rewrite_body(inbound: InboundRequest, route: Route) -> bytes:
     if payload is None:
         return inbound.body
     body = inbound.body
-    edits: list[tuple[int, int, bytes]] = []
+    edits: list[Edit] = []
     added: list[bytes] = []
     if route.model is not None and route.model != inbound.model:
         value = orjson.dumps(route.model)
         if inbound.model_member is not None:
-            edits.append(replace_value(body, inbound.model_member, value))
+            edits.append(replace_value(inbound.model_member, value))
         else:
             added.append(b'"model":' + value)
     if inbound.id_member is not None:
         if added:
             # The added member takes the removed one's place: no comma to fix.
-            start, end = inbound.id_member.key, inbound.id_member.value_end
+            start, _, end = inbound.id_member
             edits.append((start, end, added.pop()))
         else:
             edits.append(remove_member(body, inbound.id_member))

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from sentinel_proxy.body import find_member
+from sentinel_proxy.body import find_member, plain_keys
 from sentinel_proxy.config import Config, Provider, Secret
 from sentinel_proxy.exceptions import InvalidRequest, URITooLong
 from sentinel_proxy.request import InboundRequest
@@ -40,10 +40,10 @@ def inbound(
     )
     if payload is not None:
         if "model" in payload:
-            request.model_member = find_member(body, "model")
+            request.model_member = find_member(body, b'"model"', plain=plain_keys(body))
             request.model = payload["model"]
         if "conversation_id" in payload:
-            request.id_member = find_member(body, "conversation_id")
+            request.id_member = find_member(body, b'"conversation_id"', plain=plain_keys(body))
     return request
 
 
