@@ -8,6 +8,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from sentinel_proxy.exceptions import StoreUnavailable
@@ -50,6 +51,12 @@ class _Connections:
     did not finish (an error, the batch's time cap, cancellation) is disconnected before
     reuse, so a late reply can never be read as the answer to another command
     (CVE-2023-28858/28859).
+
+    An idle connection is reused unchecked (a check would cost a round trip per batch).
+    One that the server closed meanwhile (a restart, a failover, `CLIENT KILL`, an idle
+    timeout here or in a load balancer) fails the batch's write or first read; the batch
+    then goes again, once, on a fresh connection: nothing of it was answered, and every
+    command the store sends is safe to repeat.
     """
 
     def __init__(self, url: str, *, size: int, connect_timeout: float, cap: float) -> None:
@@ -91,10 +98,14 @@ class _Connections:
             async with self._slots:
                 # Everything queued while this task waited for a connection goes too.
                 batch, self._queue = self._queue, []
-                connection = self._idle.pop() if self._idle else self._connect()
+                if self._idle:
+                    connection = self._idle.pop()
+                    reused = connection.is_connected
+                else:
+                    connection, reused = self._connect(), False
                 try:
                     async with asyncio.timeout(self._cap):
-                        await self._exchange(connection, batch)
+                        await self._exchange(connection, batch, reused=reused)
                 except BaseException:
                     await connection.disconnect(nowait=True)
                     raise
@@ -122,11 +133,14 @@ class _Connections:
         self,
         connection: AbstractConnection,
         batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
+        *,
+        reused: bool,
     ) -> None:
         packed = connection.pack_commands([args for args, _ in batch])
         loop = asyncio.get_running_loop()
         key = id(batch)
         self._owed[key] = loop.time()
+        answered = False
         try:
             await connection.send_packed_command(packed, check_health=False)
             for _, future in batch:
@@ -136,6 +150,7 @@ class _Connections:
                 except ResponseError as exc:
                     # A command's own error: its reply has been read, the connection is sound.
                     reply, error = None, exc
+                answered = True
                 self._owed[key] = loop.time()
                 if future.done():
                     continue
@@ -143,8 +158,20 @@ class _Connections:
                     future.set_result(reply)
                 else:
                     future.set_exception(error)
+        except RedisConnectionError as exc:
+            # Exactly ConnectionError: the connection was lost (its subclasses are replies
+            # such as LOADING, or a refused handshake).
+            if answered or not reused or type(exc) is not RedisConnectionError:
+                raise
+        else:
+            return
         finally:
             del self._owed[key]
+        # A connection closed while it was idle: nothing of this batch was answered.
+        await connection.disconnect(nowait=True)
+        pending = [item for item in batch if not item[1].done()]
+        if pending:
+            await self._exchange(connection, pending, reused=False)
 
     async def aclose(self) -> None:
         for batch in list(self._batches):

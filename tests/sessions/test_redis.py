@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 import pytest
 
 from sentinel_proxy.exceptions import StoreUnavailable
 from sentinel_proxy.sessions import CircuitBreaker, RedisStore, Session
+from tests.support.fault_relay import FaultRelay
 from tests.support.redis_server import RedisServer
 from tests.support.sessions import get_or_create
 
@@ -46,6 +47,21 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
 
 def session(cid: str, provider: str = "a", model: str = "m") -> Session:
     return Session(cid, provider, model, int(time.time()))
+
+
+async def eventually(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def connections_received(server: RedisServer) -> int:
+    with server.client() as r:
+        return int(r.info("stats")["total_connections_received"])
 
 
 async def test_first_request_stores_the_session_as_json_with_the_ttl(
@@ -291,3 +307,75 @@ async def test_a_reply_that_comes_after_its_caller_gave_up_goes_to_nobody(
     finally:
         redis_server.ensure_running()
         await store.aclose()
+
+
+@pytest.mark.parametrize("fault", ["client-kill", "reset"])
+async def test_connections_closed_while_idle_are_replaced_at_no_failure(
+    fault: str, redis_url: str, redis_relay: FaultRelay, redis_server: RedisServer
+) -> None:
+    """A restart, a failover, `CLIENT KILL` or an idle timeout leaves idle connections that
+    fail their next command. A batch that fails so, before any reply, goes again on a fresh
+    connection: a burst of 20 calls and a single call after it all succeed, and the breaker
+    (here opened by one failure) stays closed."""
+    url = redis_url if fault == "client-kill" else redis_relay.url("redis", "/0")
+    store = make_store(url, failures=1, budget=1.0)  # only a lost connection may fail here
+    ids = [f"c{i}" for i in range(20)]
+
+    def close_idle_connections() -> None:
+        if fault == "client-kill":
+            with redis_server.client() as r:
+                assert r.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1
+        else:
+            redis_relay.reset()
+
+    try:
+        await asyncio.gather(*(get_or_create(store, session(cid, "a", f"m-{cid}")) for cid in ids))
+        close_idle_connections()
+        before = connections_received(redis_server)
+        burst = await asyncio.gather(
+            *(get_or_create(store, session(cid, "b", "other")) for cid in ids)
+        )
+        assert connections_received(redis_server) > before + 1  # it did connect afresh
+        close_idle_connections()
+        single, created = await get_or_create(store, session("c0", "b", "other"))
+    finally:
+        await store.aclose()
+    assert [(s.id, s.model, new) for s, new in burst] == [(cid, f"m-{cid}", False) for cid in ids]
+    assert (single.id, single.model, created) == ("c0", "m-c0", False)
+    assert store.breaker.state == "closed"
+
+
+async def test_a_fresh_connection_that_fails_the_same_way_is_a_store_failure(
+    redis_relay: FaultRelay,
+) -> None:
+    store = make_store(redis_relay.url("redis", "/0"), failures=1)
+    try:
+        await get_or_create(store, session("warm"))
+        accepted = redis_relay.accepted
+        redis_relay.cut()  # every connection is reset as soon as it sends anything
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            await get_or_create(store, session("c1"))
+    finally:
+        await store.aclose()
+    assert redis_relay.accepted == accepted + 1, "one fresh connection, and one only"
+    assert store.breaker.state == "open"
+
+
+async def test_the_fresh_connection_stays_within_the_call_budget(
+    redis_relay: FaultRelay,
+) -> None:
+    store = make_store(redis_relay.url("redis", "/0"), failures=1)
+    try:
+        await get_or_create(store, session("warm"))
+        accepted = redis_relay.accepted
+        redis_relay.reset()
+        redis_relay.black_hole()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="in time"):
+            await get_or_create(store, session("c1"))
+        elapsed = time.monotonic() - started
+    finally:
+        await store.aclose()
+    assert BUDGET <= elapsed < BUDGET + 0.5
+    assert redis_relay.accepted == accepted + 1
+    assert store.breaker.state == "open"
