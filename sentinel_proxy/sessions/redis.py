@@ -12,7 +12,14 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from sentinel_proxy.exceptions import StoreUnavailable
-from sentinel_proxy.sessions.base import Acceptor, Maker, Session, decode_session, session_key
+from sentinel_proxy.sessions.base import (
+    KEY_PREFIX,
+    Acceptor,
+    Maker,
+    Session,
+    decode_session,
+    session_key,
+)
 from sentinel_proxy.sessions.breaker import CircuitBreaker
 
 logger = logging.getLogger("sentinel_proxy.sessions")
@@ -34,6 +41,22 @@ return current
 _ATTEMPTS = 3
 # While Redis keeps answering, a call may wait this many budgets for its own reply.
 _BUSY_BUDGETS = 10
+# Error replies that say the server cannot serve us now, whatever the command: a demoted
+# primary (READONLY), a server loading its data, a primary or cluster that is down, writes
+# stopped for want of a disk or of replicas, a script running. (OOM is left out: it refuses
+# only the creation of sessions, and hits go on working.)
+_UNSERVED = frozenset(
+    "READONLY LOADING MASTERDOWN CLUSTERDOWN TRYAGAIN MISCONF NOREPLICAS BUSY".split()
+)
+# The readiness probe asks what every lookup asks, of a key no conversation id can name (ids
+# are printable): a replica refuses it as it would refuse the lookups.
+_PROBE_KEY = KEY_PREFIX + "\x00readyz"
+
+
+def _unserved(error: RedisError) -> bool:
+    """Whether an error reply says that the server cannot serve us now, whatever the command."""
+    code = error.status_code or str(error).partition(" ")[0]
+    return code in _UNSERVED
 
 
 class _Connections:
@@ -56,7 +79,10 @@ class _Connections:
     One that the server closed meanwhile (a restart, a failover, `CLIENT KILL`, an idle
     timeout here or in a load balancer) fails the batch's write or first read; the batch
     then goes again, once, on a fresh connection: nothing of it was answered, and every
-    command the store sends is safe to repeat.
+    command the store sends is safe to repeat. An error reply that says the server cannot
+    serve (`_UNSERVED`: a demoted primary's READONLY, ...) fails the batch and disconnects
+    every idle connection too, which lead to the same server, so that the next batches
+    connect afresh (to the new primary, where a name or a load balancer points there).
     """
 
     def __init__(self, url: str, *, size: int, connect_timeout: float, cap: float) -> None:
@@ -106,8 +132,11 @@ class _Connections:
                 try:
                     async with asyncio.timeout(self._cap):
                         await self._exchange(connection, batch, reused=reused)
-                except BaseException:
+                except BaseException as exc:
                     await connection.disconnect(nowait=True)
+                    if isinstance(exc, RedisError) and _unserved(exc):
+                        for idle in list(self._idle):
+                            await idle.disconnect(nowait=True)
                     raise
                 finally:
                     self._idle.append(connection)
@@ -148,6 +177,8 @@ class _Connections:
                 try:
                     reply = await connection.read_response()
                 except ResponseError as exc:
+                    if _unserved(exc):
+                        raise
                     # A command's own error: its reply has been read, the connection is sound.
                     reply, error = None, exc
                 answered = True
@@ -228,9 +259,11 @@ class RedisStore:
         return bool(await self._guarded(self._redis.call, "DEL", key))
 
     async def ping(self) -> bool:
+        """Whether Redis would serve the store's own commands now (a replica answers PING
+        but refuses them): one GETEX, of a key no conversation can have."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._redis.call("PING")
+                await self._redis.call("GETEX", _PROBE_KEY, "EX", self._ttl)
         except (RedisError, OSError, TimeoutError):
             return False
         self._breaker.success()
@@ -284,6 +317,13 @@ class RedisStore:
                 self._breaker.failure()
                 raise StoreUnavailable("the session store did not answer in time") from exc
             raise StoreUnavailable("the proxy is too busy to wait for the session store") from exc
+        except ResponseError as exc:
+            if not _unserved(exc):
+                # A command's own error (WRONGTYPE on a hand-made key): Redis did answer.
+                self._breaker.success()
+                raise StoreUnavailable("the session store refused the command") from exc
+            self._breaker.failure()
+            raise StoreUnavailable("the session store cannot serve requests now") from exc
         except (RedisError, OSError) as exc:
             self._breaker.failure()
             raise StoreUnavailable("the session store is unreachable") from exc

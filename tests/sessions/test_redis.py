@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import orjson
 import pytest
@@ -62,6 +63,19 @@ async def eventually(condition: Callable[[], bool], timeout: float) -> bool:
 def connections_received(server: RedisServer) -> int:
     with server.client() as r:
         return int(r.info("stats")["total_connections_received"])
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """Two fresh redis-servers of this test's own, so that one can be made a replica."""
+    servers = [RedisServer(tmp_path / name) for name in ("first", "second")]
+    try:
+        for server in servers:
+            server.start()
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 async def test_first_request_stores_the_session_as_json_with_the_ttl(
@@ -278,17 +292,25 @@ async def test_concurrent_calls_are_pipelined_on_one_connection(
 
 
 async def test_an_error_reply_fails_only_its_own_call(
-    store: RedisStore, redis_server: RedisServer
+    redis_url: str, redis_server: RedisServer
 ) -> None:
+    store = make_store(redis_url, failures=1)
     with redis_server.client() as r:
         r.rpush("sentinel:session:wrong-type", "x")  # GETEX on a list: WRONGTYPE
-    calls = [get_or_create(store, session(f"c{i}", "a", f"m{i}")) for i in range(10)]
-    calls.insert(5, get_or_create(store, session("wrong-type")))
-    results = await asyncio.gather(*calls, return_exceptions=True)
+    try:
+        calls = [get_or_create(store, session(f"c{i}", "a", f"m{i}")) for i in range(10)]
+        calls.insert(5, get_or_create(store, session("wrong-type")))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        with pytest.raises(StoreUnavailable, match="refused"):
+            await get_or_create(store, session("wrong-type"))
+    finally:
+        await store.aclose()
     assert isinstance(results.pop(5), StoreUnavailable)
     assert [(s.id, s.model) for s, _ in results] == [  # type: ignore[misc]
         (f"c{i}", f"m{i}") for i in range(10)
     ]
+    # Redis answered: a command's own error is no sign of a store that is down.
+    assert store.breaker.state == "closed"
 
 
 async def test_a_reply_that_comes_after_its_caller_gave_up_goes_to_nobody(
@@ -379,3 +401,43 @@ async def test_the_fresh_connection_stays_within_the_call_budget(
     assert BUDGET <= elapsed < BUDGET + 0.5
     assert redis_relay.accepted == accepted + 1
     assert store.breaker.state == "open"
+
+
+async def test_a_demoted_primary_fails_calls_drops_its_connections_and_is_not_ready(
+    own_redis: tuple[RedisServer, RedisServer],
+) -> None:
+    """After a failover the old primary answers PING but refuses every write (READONLY):
+    a call fails and counts against the breaker, every connection to that server is
+    dropped, and the readiness probe says no until it is a primary again."""
+    demoted, primary = own_redis
+    relay = FaultRelay((demoted.host, demoted.port))
+    relay.start()
+    store = make_store(relay.url("redis", "/0"), failures=1, budget=1.0)
+    try:
+        # Three connections, each opened while the one before is busy (a slow network).
+        relay.delay(0.05)
+        calls = []
+        for i in range(3):
+            calls.append(asyncio.ensure_future(get_or_create(store, session(f"warm-{i}"))))
+            assert await eventually(lambda: relay.accepted == len(calls), 5.0)
+        await asyncio.gather(*calls)
+        relay.pass_through()
+        assert relay.open_connections == 3
+        assert await store.ping()
+        with demoted.client() as r:
+            r.replicaof(primary.host, primary.port)
+            assert r.ping()
+        with pytest.raises(StoreUnavailable, match="cannot serve"):
+            await get_or_create(store, session("c1"))
+        assert store.breaker.state == "open"
+        assert await eventually(lambda: relay.open_connections == 0, 5.0)
+        assert not await store.ping()
+        with demoted.client() as r:
+            r.replicaof("NO", "ONE")
+        assert await store.ping()
+        assert store.breaker.state == "closed"
+        found, created = await get_or_create(store, session("c1", "b"))
+    finally:
+        await store.aclose()
+        relay.stop()
+    assert (found.id, found.provider, created) == ("c1", "b", True)
