@@ -93,7 +93,9 @@ class _Connections:
             url, socket_timeout=None, socket_connect_timeout=connect_timeout
         )
         self._connection_class = template.connection_class
-        self._connection_kwargs = template.connection_kwargs
+        # Replies stay bytes whatever the URL says (`decode_responses`): the store compares
+        # them with the bytes it wrote.
+        self._connection_kwargs = {**template.connection_kwargs, "decode_responses": False}
         self._cap = cap
         self._slots = asyncio.Semaphore(size)
         self._idle: list[AbstractConnection] = []

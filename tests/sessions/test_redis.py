@@ -441,3 +441,21 @@ async def test_a_demoted_primary_fails_calls_drops_its_connections_and_is_not_re
         await store.aclose()
         relay.stop()
     assert (found.id, found.provider, created) == ("c1", "b", True)
+
+
+async def test_a_url_that_asks_for_decoded_replies_still_gets_bytes(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """`decode_responses=True` in the URL would turn replies into str, which never equal
+    the bytes the store wrote: a replaced session would be reported as a hit."""
+    store = make_store(redis_url + "?decode_responses=True")
+    with redis_server.client() as r:
+        r.set("sentinel:session:c1", b"not json")
+    try:
+        replaced, replaced_new = await get_or_create(store, session("c1", "b", "m-b"))
+        found, found_new = await get_or_create(store, session("c1", "x", "x"))
+        assert await store.ping()
+    finally:
+        await store.aclose()
+    assert (replaced.provider, replaced_new) == ("b", True)
+    assert (found.provider, found_new) == ("b", False)
