@@ -314,21 +314,48 @@ async def test_an_error_reply_fails_only_its_own_call(
 
 
 async def test_a_reply_that_comes_after_its_caller_gave_up_goes_to_nobody(
-    redis_url: str, redis_server: RedisServer
+    redis_relay: FaultRelay, redis_server: RedisServer
 ) -> None:
-    store = make_store(redis_url)
+    """Redis freezes with a batch of lookups in flight; their callers give up, the batch is
+    abandoned at its cap, then Redis wakes and answers every one of them. The next batch,
+    in another order, must read none of those late replies: every caller gets its own
+    session, and no stored session changes."""
+    budget = 0.1
+    cap = budget * 10  # the batch cap: _BUSY_BUDGETS budgets
+    store = make_store(redis_relay.url("redis", "/0"), budget=budget, failures=1000)
+    ids = [f"conv-{i}" for i in range(50)]
     try:
-        await get_or_create(store, session("a", "provider-a"))
-        await get_or_create(store, session("b", "provider-b"))
+        for cid in ids:
+            await get_or_create(store, session(cid, f"provider-{cid}", f"model-{cid}"))
+        with redis_server.client() as r:
+            stored = {cid: r.get(f"sentinel:session:{cid}") for cid in ids}
+        assert redis_relay.open_connections == 1
         redis_server.pause()
-        with pytest.raises(StoreUnavailable):
-            await get_or_create(store, session("a", "wrong"))
-        redis_server.resume()
-        found, created = await get_or_create(store, session("b", "wrong"))
-        assert (found.id, found.provider, created) == ("b", "provider-b", False)
+        try:
+            gave_up = await asyncio.gather(
+                *(get_or_create(store, session(cid, "wrong", "wrong")) for cid in ids),
+                return_exceptions=True,
+            )
+            assert all(isinstance(r, StoreUnavailable) for r in gave_up), gave_up
+            # Past the cap, the abandoned batch's connection is closed; a connection layer
+            # that kept it would hand it out again with 50 replies still to come. Wait for
+            # the close, or long enough for the cap to have passed many times over.
+            closed = await eventually(lambda: redis_relay.open_connections == 0, cap * 6)
+        finally:
+            redis_server.resume()
+        shuffled = random.Random(3).sample(ids, len(ids))
+        results = await asyncio.gather(
+            *(get_or_create(store, session(cid, "wrong", "wrong")) for cid in shuffled)
+        )
     finally:
         redis_server.ensure_running()
         await store.aclose()
+    assert [(s.id, s.provider, s.model, created) for s, created in results] == [
+        (cid, f"provider-{cid}", f"model-{cid}", False) for cid in shuffled
+    ]
+    with redis_server.client() as r:
+        assert {cid: r.get(f"sentinel:session:{cid}") for cid in ids} == stored
+    assert closed, "the abandoned batch's connection was never closed"
 
 
 @pytest.mark.parametrize("fault", ["client-kill", "reset"])
