@@ -3,6 +3,8 @@
 - ``redis_server`` (session): a ``RedisServer`` on a free port (``.url``, ``.port``, ``.client()``,
   ``.stop()``/``.start()``, ``.pause()``/``.resume()``).
 - ``redis_url`` (function): FLUSHALLs that server and yields its URL.
+- ``redis_relay`` (function): a started ``FaultRelay`` in front of that (emptied) server;
+  ``relay.url("redis", "/0")`` reaches Redis through it.
 - ``upstream`` (function): a started ``UpstreamStub``.
 - ``start_proxy`` (function): ``start_proxy(config, env=None, **options) -> ProxyProcess``.
 - ``openai_client`` (function): ``openai_client(proxy_or_base_url, **options) -> openai.OpenAI``.
@@ -17,6 +19,7 @@ from typing import Any
 import openai
 import pytest
 
+from tests.support.fault_relay import FaultRelay
 from tests.support.proxy_process import (
     OpenAIClientFactory,
     ProxyProcess,
@@ -48,6 +51,17 @@ def redis_url(redis_server: RedisServer) -> Iterator[str]:
     redis_server.flushall()
     yield redis_server.url
     redis_server.ensure_running()
+
+
+@pytest.fixture
+def redis_relay(redis_server: RedisServer, redis_url: str) -> Iterator[FaultRelay]:
+    """A fault relay in front of the private Redis, passing through until told otherwise."""
+    relay = FaultRelay((redis_server.host, redis_server.port))
+    relay.start()
+    try:
+        yield relay
+    finally:
+        relay.stop()
 
 
 @pytest.fixture

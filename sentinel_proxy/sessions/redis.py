@@ -8,10 +8,18 @@ from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError, ResponseError
 
 from sentinel_proxy.exceptions import StoreUnavailable
-from sentinel_proxy.sessions.base import Acceptor, Maker, Session, decode_session, session_key
+from sentinel_proxy.sessions.base import (
+    KEY_PREFIX,
+    Acceptor,
+    Maker,
+    Session,
+    decode_session,
+    session_key,
+)
 from sentinel_proxy.sessions.breaker import CircuitBreaker
 
 logger = logging.getLogger("sentinel_proxy.sessions")
@@ -33,6 +41,22 @@ return current
 _ATTEMPTS = 3
 # While Redis keeps answering, a call may wait this many budgets for its own reply.
 _BUSY_BUDGETS = 10
+# Error replies that say the server cannot serve us now, whatever the command: a demoted
+# primary (READONLY), a server loading its data, a primary or cluster that is down, writes
+# stopped for want of a disk or of replicas, a script running. (OOM is left out: it refuses
+# only the creation of sessions, and hits go on working.)
+_UNSERVED = frozenset(
+    "READONLY LOADING MASTERDOWN CLUSTERDOWN TRYAGAIN MISCONF NOREPLICAS BUSY".split()
+)
+# The readiness probe asks what every lookup asks, of a key no conversation id can name (ids
+# are printable): a replica refuses it as it would refuse the lookups.
+_PROBE_KEY = KEY_PREFIX + "\x00readyz"
+
+
+def _unserved(error: RedisError) -> bool:
+    """Whether an error reply says that the server cannot serve us now, whatever the command."""
+    code = error.status_code or str(error).partition(" ")[0]
+    return code in _UNSERVED
 
 
 class _Connections:
@@ -50,6 +74,15 @@ class _Connections:
     did not finish (an error, the batch's time cap, cancellation) is disconnected before
     reuse, so a late reply can never be read as the answer to another command
     (CVE-2023-28858/28859).
+
+    An idle connection is reused unchecked (a check would cost a round trip per batch).
+    One that the server closed meanwhile (a restart, a failover, `CLIENT KILL`, an idle
+    timeout here or in a load balancer) fails the batch's write or first read; the batch
+    then goes again, once, on a fresh connection: nothing of it was answered, and every
+    command the store sends is safe to repeat. An error reply that says the server cannot
+    serve (`_UNSERVED`: a demoted primary's READONLY, ...) fails the batch and disconnects
+    every idle connection too, which lead to the same server, so that the next batches
+    connect afresh (to the new primary, where a name or a load balancer points there).
     """
 
     def __init__(self, url: str, *, size: int, connect_timeout: float, cap: float) -> None:
@@ -60,7 +93,9 @@ class _Connections:
             url, socket_timeout=None, socket_connect_timeout=connect_timeout
         )
         self._connection_class = template.connection_class
-        self._connection_kwargs = template.connection_kwargs
+        # Replies stay bytes whatever the URL says (`decode_responses`): the store compares
+        # them with the bytes it wrote.
+        self._connection_kwargs = {**template.connection_kwargs, "decode_responses": False}
         self._cap = cap
         self._slots = asyncio.Semaphore(size)
         self._idle: list[AbstractConnection] = []
@@ -91,12 +126,19 @@ class _Connections:
             async with self._slots:
                 # Everything queued while this task waited for a connection goes too.
                 batch, self._queue = self._queue, []
-                connection = self._idle.pop() if self._idle else self._connect()
+                if self._idle:
+                    connection = self._idle.pop()
+                    reused = connection.is_connected
+                else:
+                    connection, reused = self._connect(), False
                 try:
                     async with asyncio.timeout(self._cap):
-                        await self._exchange(connection, batch)
-                except BaseException:
+                        await self._exchange(connection, batch, reused=reused)
+                except BaseException as exc:
                     await connection.disconnect(nowait=True)
+                    if isinstance(exc, RedisError) and _unserved(exc):
+                        for idle in list(self._idle):
+                            await idle.disconnect(nowait=True)
                     raise
                 finally:
                     self._idle.append(connection)
@@ -122,11 +164,14 @@ class _Connections:
         self,
         connection: AbstractConnection,
         batch: list[tuple[tuple[Any, ...], asyncio.Future[Any]]],
+        *,
+        reused: bool,
     ) -> None:
         packed = connection.pack_commands([args for args, _ in batch])
         loop = asyncio.get_running_loop()
         key = id(batch)
         self._owed[key] = loop.time()
+        answered = False
         try:
             await connection.send_packed_command(packed, check_health=False)
             for _, future in batch:
@@ -134,8 +179,11 @@ class _Connections:
                 try:
                     reply = await connection.read_response()
                 except ResponseError as exc:
+                    if _unserved(exc):
+                        raise
                     # A command's own error: its reply has been read, the connection is sound.
                     reply, error = None, exc
+                answered = True
                 self._owed[key] = loop.time()
                 if future.done():
                     continue
@@ -143,8 +191,20 @@ class _Connections:
                     future.set_result(reply)
                 else:
                     future.set_exception(error)
+        except RedisConnectionError as exc:
+            # Exactly ConnectionError: the connection was lost (its subclasses are replies
+            # such as LOADING, or a refused handshake).
+            if answered or not reused or type(exc) is not RedisConnectionError:
+                raise
+        else:
+            return
         finally:
             del self._owed[key]
+        # A connection closed while it was idle: nothing of this batch was answered.
+        await connection.disconnect(nowait=True)
+        pending = [item for item in batch if not item[1].done()]
+        if pending:
+            await self._exchange(connection, pending, reused=False)
 
     async def aclose(self) -> None:
         for batch in list(self._batches):
@@ -201,9 +261,11 @@ class RedisStore:
         return bool(await self._guarded(self._redis.call, "DEL", key))
 
     async def ping(self) -> bool:
+        """Whether Redis would serve the store's own commands now (a replica answers PING
+        but refuses them): one GETEX, of a key no conversation can have."""
         try:
             async with asyncio.timeout(self._timeout):
-                await self._redis.call("PING")
+                await self._redis.call("GETEX", _PROBE_KEY, "EX", self._ttl)
         except (RedisError, OSError, TimeoutError):
             return False
         self._breaker.success()
@@ -257,6 +319,13 @@ class RedisStore:
                 self._breaker.failure()
                 raise StoreUnavailable("the session store did not answer in time") from exc
             raise StoreUnavailable("the proxy is too busy to wait for the session store") from exc
+        except ResponseError as exc:
+            if not _unserved(exc):
+                # A command's own error (WRONGTYPE on a hand-made key): Redis did answer.
+                self._breaker.success()
+                raise StoreUnavailable("the session store refused the command") from exc
+            self._breaker.failure()
+            raise StoreUnavailable("the session store cannot serve requests now") from exc
         except (RedisError, OSError) as exc:
             self._breaker.failure()
             raise StoreUnavailable("the session store is unreachable") from exc
@@ -272,7 +341,7 @@ class _Deadline:
     on this process (a saturated event loop working through a burst of replies, every
     connection busy), not on Redis: it is given another budget, up to a cap, and does not
     count against the circuit breaker. A dead or black-holed Redis answers nothing, so
-    its calls end after one budget."""
+    its calls end after one budget (and a tenth: see `_check`)."""
 
     __slots__ = ("_timeout", "_budget", "_store", "_loop", "_cap", "_handle", "_grace", "silent")
 
@@ -290,7 +359,10 @@ class _Deadline:
     def _check(self) -> None:
         now = self._loop.time()
         owed = self._store.owed_since()
-        if owed is None or owed > now - self._budget:
+        # A batch that began owing just after this call began (its task starts a loop turn
+        # later) has kept the call waiting all along: at the first check, that is enough.
+        start = self._cap - self._budget * _BUSY_BUDGETS
+        if owed is None or owed > max(now - self._budget, start + self._budget / 10):
             if now < self._cap:
                 self._grace = False
                 self._handle = self._loop.call_at(min(now + self._budget, self._cap), self._check)

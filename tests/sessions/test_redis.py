@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 
 import orjson
 import pytest
 
 from sentinel_proxy.exceptions import StoreUnavailable
 from sentinel_proxy.sessions import CircuitBreaker, RedisStore, Session
+from tests.support.fault_relay import FaultRelay
 from tests.support.redis_server import RedisServer
 from tests.support.sessions import get_or_create
 
@@ -46,6 +48,34 @@ async def store(redis_url: str) -> AsyncIterator[RedisStore]:
 
 def session(cid: str, provider: str = "a", model: str = "m") -> Session:
     return Session(cid, provider, model, int(time.time()))
+
+
+async def eventually(condition: Callable[[], bool], timeout: float) -> bool:
+    """Poll `condition` until it holds (True) or `timeout` seconds have passed (False)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.01)
+    return True
+
+
+def connections_received(server: RedisServer) -> int:
+    with server.client() as r:
+        return int(r.info("stats")["total_connections_received"])
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """Two fresh redis-servers of this test's own, so that one can be made a replica."""
+    servers = [RedisServer(tmp_path / name) for name in ("first", "second")]
+    try:
+        for server in servers:
+            server.start()
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 async def test_first_request_stores_the_session_as_json_with_the_ttl(
@@ -262,32 +292,197 @@ async def test_concurrent_calls_are_pipelined_on_one_connection(
 
 
 async def test_an_error_reply_fails_only_its_own_call(
-    store: RedisStore, redis_server: RedisServer
+    redis_url: str, redis_server: RedisServer
 ) -> None:
+    store = make_store(redis_url, failures=1)
     with redis_server.client() as r:
         r.rpush("sentinel:session:wrong-type", "x")  # GETEX on a list: WRONGTYPE
-    calls = [get_or_create(store, session(f"c{i}", "a", f"m{i}")) for i in range(10)]
-    calls.insert(5, get_or_create(store, session("wrong-type")))
-    results = await asyncio.gather(*calls, return_exceptions=True)
+    try:
+        calls = [get_or_create(store, session(f"c{i}", "a", f"m{i}")) for i in range(10)]
+        calls.insert(5, get_or_create(store, session("wrong-type")))
+        results = await asyncio.gather(*calls, return_exceptions=True)
+        with pytest.raises(StoreUnavailable, match="refused"):
+            await get_or_create(store, session("wrong-type"))
+    finally:
+        await store.aclose()
     assert isinstance(results.pop(5), StoreUnavailable)
     assert [(s.id, s.model) for s, _ in results] == [  # type: ignore[misc]
         (f"c{i}", f"m{i}") for i in range(10)
     ]
+    # Redis answered: a command's own error is no sign of a store that is down.
+    assert store.breaker.state == "closed"
 
 
 async def test_a_reply_that_comes_after_its_caller_gave_up_goes_to_nobody(
-    redis_url: str, redis_server: RedisServer
+    redis_relay: FaultRelay, redis_server: RedisServer
 ) -> None:
-    store = make_store(redis_url)
+    """Redis freezes with a batch of lookups in flight; their callers give up, the batch is
+    abandoned at its cap, then Redis wakes and answers every one of them. The next batch,
+    in another order, must read none of those late replies: every caller gets its own
+    session, and no stored session changes."""
+    budget = 0.1
+    cap = budget * 10  # the batch cap: _BUSY_BUDGETS budgets
+    store = make_store(redis_relay.url("redis", "/0"), budget=budget, failures=1000)
+    ids = [f"conv-{i}" for i in range(50)]
     try:
-        await get_or_create(store, session("a", "provider-a"))
-        await get_or_create(store, session("b", "provider-b"))
+        for cid in ids:
+            await get_or_create(store, session(cid, f"provider-{cid}", f"model-{cid}"))
+        with redis_server.client() as r:
+            stored = {cid: r.get(f"sentinel:session:{cid}") for cid in ids}
+        assert redis_relay.open_connections == 1
         redis_server.pause()
-        with pytest.raises(StoreUnavailable):
-            await get_or_create(store, session("a", "wrong"))
-        redis_server.resume()
-        found, created = await get_or_create(store, session("b", "wrong"))
-        assert (found.id, found.provider, created) == ("b", "provider-b", False)
+        try:
+            gave_up = await asyncio.gather(
+                *(get_or_create(store, session(cid, "wrong", "wrong")) for cid in ids),
+                return_exceptions=True,
+            )
+            assert all(isinstance(r, StoreUnavailable) for r in gave_up), gave_up
+            # Past the cap, the abandoned batch's connection is closed; a connection layer
+            # that kept it would hand it out again with 50 replies still to come. Wait for
+            # the close, or long enough for the cap to have passed many times over.
+            closed = await eventually(lambda: redis_relay.open_connections == 0, cap * 6)
+        finally:
+            redis_server.resume()
+        shuffled = random.Random(3).sample(ids, len(ids))
+        results = await asyncio.gather(
+            *(get_or_create(store, session(cid, "wrong", "wrong")) for cid in shuffled)
+        )
     finally:
         redis_server.ensure_running()
         await store.aclose()
+    assert [(s.id, s.provider, s.model, created) for s, created in results] == [
+        (cid, f"provider-{cid}", f"model-{cid}", False) for cid in shuffled
+    ]
+    with redis_server.client() as r:
+        assert {cid: r.get(f"sentinel:session:{cid}") for cid in ids} == stored
+    assert closed, "the abandoned batch's connection was never closed"
+
+
+@pytest.mark.parametrize("fault", ["client-kill", "reset"])
+async def test_connections_closed_while_idle_are_replaced_at_no_failure(
+    fault: str, redis_url: str, redis_relay: FaultRelay, redis_server: RedisServer
+) -> None:
+    """A restart, a failover, `CLIENT KILL` or an idle timeout leaves idle connections that
+    fail their next command. A batch that fails so, before any reply, goes again on a fresh
+    connection: a burst of 20 calls and a single call after it all succeed, and the breaker
+    (here opened by one failure) stays closed."""
+    url = redis_url if fault == "client-kill" else redis_relay.url("redis", "/0")
+    store = make_store(url, failures=1, budget=1.0)  # only a lost connection may fail here
+    ids = [f"c{i}" for i in range(20)]
+
+    def close_idle_connections() -> None:
+        if fault == "client-kill":
+            with redis_server.client() as r:
+                assert r.execute_command("CLIENT", "KILL", "TYPE", "normal") >= 1
+        else:
+            redis_relay.reset()
+
+    try:
+        await asyncio.gather(*(get_or_create(store, session(cid, "a", f"m-{cid}")) for cid in ids))
+        close_idle_connections()
+        before = connections_received(redis_server)
+        burst = await asyncio.gather(
+            *(get_or_create(store, session(cid, "b", "other")) for cid in ids)
+        )
+        assert connections_received(redis_server) > before + 1  # it did connect afresh
+        close_idle_connections()
+        single, created = await get_or_create(store, session("c0", "b", "other"))
+    finally:
+        await store.aclose()
+    assert [(s.id, s.model, new) for s, new in burst] == [(cid, f"m-{cid}", False) for cid in ids]
+    assert (single.id, single.model, created) == ("c0", "m-c0", False)
+    assert store.breaker.state == "closed"
+
+
+async def test_a_fresh_connection_that_fails_the_same_way_is_a_store_failure(
+    redis_relay: FaultRelay,
+) -> None:
+    store = make_store(redis_relay.url("redis", "/0"), failures=1)
+    try:
+        await get_or_create(store, session("warm"))
+        accepted = redis_relay.accepted
+        redis_relay.cut()  # every connection is reset as soon as it sends anything
+        with pytest.raises(StoreUnavailable, match="unreachable"):
+            await get_or_create(store, session("c1"))
+    finally:
+        await store.aclose()
+    assert redis_relay.accepted == accepted + 1, "one fresh connection, and one only"
+    assert store.breaker.state == "open"
+
+
+async def test_the_fresh_connection_stays_within_the_call_budget(
+    redis_relay: FaultRelay,
+) -> None:
+    store = make_store(redis_relay.url("redis", "/0"), failures=1)
+    try:
+        await get_or_create(store, session("warm"))
+        accepted = redis_relay.accepted
+        redis_relay.reset()
+        redis_relay.black_hole()
+        started = time.monotonic()
+        with pytest.raises(StoreUnavailable, match="in time"):
+            await get_or_create(store, session("c1"))
+        elapsed = time.monotonic() - started
+    finally:
+        await store.aclose()
+    assert BUDGET <= elapsed < BUDGET + 0.5
+    assert redis_relay.accepted == accepted + 1
+    assert store.breaker.state == "open"
+
+
+async def test_a_demoted_primary_fails_calls_drops_its_connections_and_is_not_ready(
+    own_redis: tuple[RedisServer, RedisServer],
+) -> None:
+    """After a failover the old primary answers PING but refuses every write (READONLY):
+    a call fails and counts against the breaker, every connection to that server is
+    dropped, and the readiness probe says no until it is a primary again."""
+    demoted, primary = own_redis
+    relay = FaultRelay((demoted.host, demoted.port))
+    relay.start()
+    store = make_store(relay.url("redis", "/0"), failures=1, budget=1.0)
+    try:
+        # Three connections, each opened while the one before is busy (a slow network).
+        relay.delay(0.05)
+        calls = []
+        for i in range(3):
+            calls.append(asyncio.ensure_future(get_or_create(store, session(f"warm-{i}"))))
+            assert await eventually(lambda: relay.accepted == len(calls), 5.0)
+        await asyncio.gather(*calls)
+        relay.pass_through()
+        assert relay.open_connections == 3
+        assert await store.ping()
+        with demoted.client() as r:
+            r.replicaof(primary.host, primary.port)
+            assert r.ping()
+        with pytest.raises(StoreUnavailable, match="cannot serve"):
+            await get_or_create(store, session("c1"))
+        assert store.breaker.state == "open"
+        assert await eventually(lambda: relay.open_connections == 0, 5.0)
+        assert not await store.ping()
+        with demoted.client() as r:
+            r.replicaof("NO", "ONE")
+        assert await store.ping()
+        assert store.breaker.state == "closed"
+        found, created = await get_or_create(store, session("c1", "b"))
+    finally:
+        await store.aclose()
+        relay.stop()
+    assert (found.id, found.provider, created) == ("c1", "b", True)
+
+
+async def test_a_url_that_asks_for_decoded_replies_still_gets_bytes(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """`decode_responses=True` in the URL would turn replies into str, which never equal
+    the bytes the store wrote: a replaced session would be reported as a hit."""
+    store = make_store(redis_url + "?decode_responses=True")
+    with redis_server.client() as r:
+        r.set("sentinel:session:c1", b"not json")
+    try:
+        replaced, replaced_new = await get_or_create(store, session("c1", "b", "m-b"))
+        found, found_new = await get_or_create(store, session("c1", "x", "x"))
+        assert await store.ping()
+    finally:
+        await store.aclose()
+    assert (replaced.provider, replaced_new) == ("b", True)
+    assert (found.provider, found_new) == ("b", False)
