@@ -4,6 +4,9 @@ client goes away or stops reading."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
@@ -46,6 +49,8 @@ async def relay(
 
 # Most requests are over sooner than this; only longer ones pay for a watching task.
 WATCH_AFTER_SECONDS = 0.05
+# SO_LINGER on with a zero timeout: closing sends a reset and drops unsent bytes.
+_RESET = struct.pack("ii", 1, 0)
 # A stalled send is noticed between stall_seconds and (1 + 1/STALL_CHECKS) * stall_seconds.
 STALL_CHECKS = 4
 
@@ -134,13 +139,17 @@ class DisconnectWatcher:
     def _stall(self) -> None:
         self._stop_waiter()
         self.fired = self.stalled = True
-        # Closing would wait for the unread bytes to drain, which they never do: the client
-        # socket has to be aborted. uvicorn's send is a method of the request's cycle,
-        # which holds the transport; without it (another server) closing is all we can do.
+        # Closing would wait for the unread bytes to drain, which they never do, and even
+        # an aborted socket lingers in the kernel with them: reset the connection instead.
+        # uvicorn's send is a method of the request's cycle, which holds the transport;
+        # without it (another server) closing is all we can do.
         transport = getattr(getattr(self._send, "__self__", None), "transport", None)
-        abort = getattr(transport, "abort", None)
-        if callable(abort):
-            abort()
+        if isinstance(transport, asyncio.WriteTransport):
+            sock = transport.get_extra_info("socket")
+            if sock is not None:
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _RESET)
+            transport.abort()
         self._task.cancel()
 
     def finish(self) -> None:

@@ -40,8 +40,9 @@ def upstream_response(
     )
 
 
-class Transport:
+class Transport(asyncio.WriteTransport):
     def __init__(self) -> None:
+        super().__init__()
         self.aborted = False
 
     def abort(self) -> None:
