@@ -30,8 +30,12 @@ DEFAULT_MEMORY_MAX_SESSIONS = 100_000
 DEFAULT_REDIS_MAX_CONNECTIONS = 256
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
-# Generation can pause for minutes between tokens on large reasoning models.
-DEFAULT_READ_TIMEOUT = 600.0
+# Reasoning models can think for minutes before their first token.
+DEFAULT_FIRST_BYTE_TIMEOUT = 600.0
+DEFAULT_CHUNK_TIMEOUT = 300.0
+DEFAULT_POOL_TIMEOUT = 5.0
+# As Envoy's stream idle timeout.
+DEFAULT_STREAM_IDLE_SECONDS = 300.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
 # Redis refuses expiry times past a limit, and a decade is more than any conversation needs.
@@ -147,7 +151,14 @@ class SessionConfig:
 @dataclass(frozen=True, slots=True)
 class UpstreamConfig:
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
-    read_timeout: float = DEFAULT_READ_TIMEOUT
+    # To the response headers, and from them to the first body bytes.
+    first_byte_timeout: float = DEFAULT_FIRST_BYTE_TIMEOUT
+    # Silence between two reads of the body after its first bytes.
+    chunk_timeout: float = DEFAULT_CHUNK_TIMEOUT
+    # Wait for a free connection when all max_connections are busy.
+    pool_timeout: float = DEFAULT_POOL_TIMEOUT
+    # A client that takes none of its response for this long is cut off.
+    stream_idle_seconds: float = DEFAULT_STREAM_IDLE_SECONDS
     max_connections: int = DEFAULT_MAX_CONNECTIONS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
 
@@ -426,11 +437,36 @@ def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
 
 def _upstream(raw: dict[str, Any]) -> UpstreamConfig:
     _only(
-        raw, "upstream.", {"connect_timeout", "read_timeout", "max_connections", "max_body_bytes"}
+        raw,
+        "upstream.",
+        {
+            "connect_timeout",
+            "first_byte_timeout",
+            "chunk_timeout",
+            "pool_timeout",
+            "stream_idle_seconds",
+            "read_timeout",
+            "max_connections",
+            "max_body_bytes",
+        },
     )
+    first_byte, chunk = DEFAULT_FIRST_BYTE_TIMEOUT, DEFAULT_CHUNK_TIMEOUT
+    if "read_timeout" in raw:
+        # The older key meant both; configurations that set it keep working.
+        if "first_byte_timeout" in raw or "chunk_timeout" in raw:
+            raise ConfigError(
+                "upstream.read_timeout",
+                "replaced by first_byte_timeout and chunk_timeout: set those, not both kinds",
+            )
+        first_byte = chunk = _float(raw, "upstream.", "read_timeout", DEFAULT_FIRST_BYTE_TIMEOUT)
     return UpstreamConfig(
         connect_timeout=_float(raw, "upstream.", "connect_timeout", DEFAULT_CONNECT_TIMEOUT),
-        read_timeout=_float(raw, "upstream.", "read_timeout", DEFAULT_READ_TIMEOUT),
+        first_byte_timeout=_float(raw, "upstream.", "first_byte_timeout", first_byte),
+        chunk_timeout=_float(raw, "upstream.", "chunk_timeout", chunk),
+        pool_timeout=_float(raw, "upstream.", "pool_timeout", DEFAULT_POOL_TIMEOUT),
+        stream_idle_seconds=_float(
+            raw, "upstream.", "stream_idle_seconds", DEFAULT_STREAM_IDLE_SECONDS
+        ),
         max_connections=_int(raw, "upstream.", "max_connections", DEFAULT_MAX_CONNECTIONS, low=1),
         max_body_bytes=_int(raw, "upstream.", "max_body_bytes", DEFAULT_MAX_BODY_BYTES, low=1),
     )

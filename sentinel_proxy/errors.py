@@ -8,13 +8,14 @@ from typing import Any
 
 import orjson
 
-from sentinel_proxy.exceptions import ProxyError, StoreUnavailable
+from sentinel_proxy.exceptions import ProxyError, StoreUnavailable, UpstreamPoolExhausted
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-# Seconds a client should wait before retrying while the session store is down; the
-# OpenAI SDKs honour Retry-After on 503.
+# Seconds a client should wait before retrying while the session store is down or every
+# upstream connection is busy; the OpenAI SDKs honour Retry-After on 503.
 RETRY_AFTER_SECONDS = 1
+_RETRYABLE = (StoreUnavailable, UpstreamPoolExhausted)
 
 
 def error_body(exc: ProxyError) -> bytes:
@@ -35,7 +36,7 @@ def error_headers(exc: ProxyError, body: bytes) -> list[tuple[bytes, bytes]]:
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
     ]
-    if isinstance(exc, StoreUnavailable):
+    if isinstance(exc, _RETRYABLE):
         headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
     return headers
 

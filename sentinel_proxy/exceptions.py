@@ -12,8 +12,10 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
         ├── NotFound             404
         ├── MethodNotAllowed     405
         ├── StoreUnavailable     503 + Retry-After (session store down, slow or circuit open)
+        ├── UpstreamPoolExhausted  503 + Retry-After (no free upstream connection in time)
         └── UpstreamError
             ├── UpstreamUnavailable  502 (refused, reset or broken before the response)
+            ├── UpstreamBadResponse  502 (not valid HTTP: status, malformed headers)
             └── UpstreamTimeout      504
 
 `redis.*` never passes the session store and `httpx.*` never passes the upstream client:
@@ -96,6 +98,14 @@ class StoreUnavailable(ProxyError):
     code = "session_store_unavailable"
 
 
+class UpstreamPoolExhausted(ProxyError):
+    """Every upstream connection stayed busy for the whole pool timeout. Not an
+    UpstreamError: no upstream failed, and another target shares the same pool."""
+
+    status_code = 503
+    code = "upstream_pool_exhausted"
+
+
 class UpstreamError(ProxyError):
     status_code = 502
     code = "upstream_error"
@@ -103,6 +113,10 @@ class UpstreamError(ProxyError):
 
 class UpstreamUnavailable(UpstreamError):
     code = "upstream_unreachable"
+
+
+class UpstreamBadResponse(UpstreamError):
+    code = "upstream_bad_response"
 
 
 class UpstreamTimeout(UpstreamError):

@@ -1,5 +1,5 @@
-"""Prometheus metrics of one process: requests, session outcomes, upstream latency and
-open streams."""
+"""Prometheus metrics of one process: requests, session outcomes, upstream latency, open
+and broken streams."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ class Metrics:
         self.open_streams = Gauge(
             "sentinel_open_streams", "Responses being relayed now.", registry=self.registry
         )
+        self._broken_streams = Counter(
+            "sentinel_broken_streams",
+            "Responses the upstream broke off or stalled in after they had started.",
+            ["provider"],
+            registry=self.registry,
+        )
         self._models: set[str] = set()
         # Labelled children, looked up once: `labels()` costs more than the increment.
         self._request_counters: dict[tuple[str, str, int], Any] = {}
@@ -69,6 +75,9 @@ class Metrics:
         if histogram is None:
             histogram = self._latency[provider] = self._upstream_latency.labels(provider)
         histogram.observe(seconds)
+
+    def broken_stream(self, provider: str) -> None:
+        self._broken_streams.labels(provider).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

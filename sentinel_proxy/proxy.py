@@ -26,7 +26,8 @@ from sentinel_proxy.upstream import Upstream
 logger = logging.getLogger("sentinel_proxy.proxy")
 
 HIT, CREATED, NONE, DEGRADED = "hit", "created", "none", "degraded"
-# Logged and counted (never sent) for a client that left before its response was complete.
+# Logged and counted (never sent) for a client that left before its response was complete,
+# or stopped reading it.
 CLIENT_CLOSED_REQUEST = 499
 
 
@@ -50,6 +51,7 @@ class Proxy:
         self._max_body = config.upstream.max_body_bytes
         self._id_header = config.session.header.encode()
         self._fail_open = config.session.on_store_error == "open"
+        self._stream_idle = config.upstream.stream_idle_seconds
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.perf_counter()
@@ -88,7 +90,7 @@ class Proxy:
         fields["model"] = route.model or inbound.model
         fields["session"] = outcome
         request = self._rewriter.build(inbound, route)
-        watcher = DisconnectWatcher(receive)
+        watcher = DisconnectWatcher(receive, send, stall_seconds=self._stream_idle)
         try:
             sent = time.perf_counter()
             response = await self._upstream.send(request)
@@ -97,18 +99,21 @@ class Proxy:
             self._metrics.upstream_latency(route.provider.name, waited)
             self._metrics.open_streams.inc()
             try:
-                await relay(
-                    response,
-                    send,
-                    extra_headers=_outcome_headers(fields),
-                    before_end=watcher.stop,
-                )
+                await relay(response, send, extra_headers=_outcome_headers(fields), watcher=watcher)
             except ProxyError as exc:
                 # The response has started: all that is left is to cut the connection, so
-                # the client sees a truncated body rather than a complete-looking one.
-                fields["error"] = exc.code
-                logger.warning("upstream broke off the response: %s", exc.message)
-                return response.status_code
+                # the client sees a truncated body rather than a complete-looking one. It
+                # counts as the error it would have been, not as the status it began with.
+                fields["error"] = "broken_stream"
+                fields["upstream_status"] = response.status_code
+                self._metrics.broken_stream(route.provider.name)
+                logger.warning(
+                    "broken stream from %s (request %s): %s",
+                    route.provider.name,
+                    fields["request_id"],
+                    exc.message,
+                )
+                return exc.status_code
             finally:
                 self._metrics.open_streams.dec()
                 await response.aclose()
@@ -116,7 +121,7 @@ class Proxy:
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if watcher.fired and task is not None and task.uncancel() == 0:
-                fields["error"] = "client_disconnected"
+                fields["error"] = "client_stalled" if watcher.stalled else "client_disconnected"
                 return CLIENT_CLOSED_REQUEST
             raise
         finally:

@@ -10,13 +10,23 @@ user's Set-Cookie can never ride along on another user's request (GHSA-7vwr-g6pm
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 
 import httpx
 
 from sentinel_proxy.config import UpstreamConfig
-from sentinel_proxy.exceptions import UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from sentinel_proxy.exceptions import (
+    InvalidRequest,
+    UpstreamBadResponse,
+    UpstreamError,
+    UpstreamPoolExhausted,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from sentinel_proxy.transport import AiohttpTransport
+
+logger = logging.getLogger("sentinel_proxy.upstream")
 
 
 class UpstreamResponse:
@@ -53,23 +63,51 @@ class Upstream:
         if transport is None:
             transport = AiohttpTransport(max_connections=config.max_connections)
         self._transport = transport
-        self._timeout = httpx.Timeout(
-            config.read_timeout, connect=config.connect_timeout, pool=config.connect_timeout
-        ).as_dict()
+        # httpx's timeout names, plus `chunk` for the silence between two reads of the body
+        # (AiohttpTransport's docstring); `read` runs to the first body bytes.
+        self._timeout = {
+            "connect": config.connect_timeout,
+            "read": config.first_byte_timeout,
+            "write": config.first_byte_timeout,
+            "pool": config.pool_timeout,
+            "chunk": config.chunk_timeout,
+        }
 
     async def send(self, request: httpx.Request) -> UpstreamResponse:
         request.extensions["timeout"] = self._timeout
         try:
             response = await self._transport.handle_async_request(request)
+        except httpx.PoolTimeout as exc:
+            raise UpstreamPoolExhausted(
+                "Every upstream connection is busy; retry in a moment."
+            ) from exc
         except httpx.TimeoutException as exc:
             raise UpstreamTimeout("the upstream did not answer in time") from exc
+        except httpx.RemoteProtocolError as exc:
+            logger.warning("the upstream's response is not valid HTTP: %s", _first_line(exc))
+            raise UpstreamBadResponse("the upstream's response is not valid HTTP") from exc
+        except httpx.LocalProtocolError as exc:
+            # uvicorn refuses such headers already; this guards other servers.
+            raise InvalidRequest("A request header holds a control character.") from exc
         except httpx.TransportError as exc:
             raise UpstreamUnavailable(
                 "the upstream is unreachable or closed the connection before responding"
             ) from exc
         except httpx.HTTPError as exc:
             raise UpstreamError("the upstream request failed") from exc
+        # HTTP has no other final status, and uvicorn cannot send one.
+        if not 200 <= response.status_code < 600:
+            await response.aclose()
+            raise UpstreamBadResponse(
+                f"the upstream answered with status {response.status_code}, which HTTP "
+                "does not allow for a final response"
+            )
         return UpstreamResponse(response)
 
     async def aclose(self) -> None:
         await self._transport.aclose()
+
+
+def _first_line(exc: Exception) -> str:
+    # aiohttp's parser errors quote the offending bytes at length over several lines.
+    return str(exc).split("\n", 1)[0][:200]

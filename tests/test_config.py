@@ -168,6 +168,15 @@ def test_config_is_frozen() -> None:
         ),
         ('[debug]\nenabled = true\ntoken = "short"', {}, "debug.token", "16"),
         ("not = [toml", {}, "config", "not valid TOML"),
+        ("[upstream]\nchunk_timeout = 0", {}, "upstream.chunk_timeout", "positive"),
+        ('[upstream]\npool_timeout = "5"', {}, "upstream.pool_timeout", "number"),
+        ("[upstream]\nstream_idle_seconds = -1", {}, "upstream.stream_idle_seconds", "positive"),
+        (
+            "[upstream]\nread_timeout = 60\nchunk_timeout = 5",
+            {},
+            "upstream.read_timeout",
+            "replaced by first_byte_timeout and chunk_timeout",
+        ),
         ("", {"SESSION_TTL_SECONDS": "day"}, "SESSION_TTL_SECONDS", "integer"),
     ],
 )
@@ -223,6 +232,25 @@ def test_a_file_that_is_not_utf8_is_one_line(tmp_path: Path) -> None:
 def test_fractional_grace_period_is_kept(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, "[server]\nshutdown_grace_seconds = 0.5"), env={})
     assert config.server.shutdown_grace_seconds == 0.5
+
+
+def test_upstream_timeouts(tmp_path: Path) -> None:
+    default = load_config(None, env={}).upstream
+    assert (default.first_byte_timeout, default.chunk_timeout) == (600, 300)
+    assert (default.pool_timeout, default.stream_idle_seconds) == (5, 300)
+    text = (
+        "[upstream]\nconnect_timeout = 2\nfirst_byte_timeout = 900\nchunk_timeout = 60\n"
+        "pool_timeout = 0.5\nstream_idle_seconds = 120\n"
+    )
+    upstream = load_config(write(tmp_path, text), env={}).upstream
+    assert (upstream.connect_timeout, upstream.first_byte_timeout) == (2, 900)
+    assert (upstream.chunk_timeout, upstream.pool_timeout) == (60, 0.5)
+    assert upstream.stream_idle_seconds == 120
+
+
+def test_read_timeout_of_older_configs_sets_first_byte_and_chunk(tmp_path: Path) -> None:
+    upstream = load_config(write(tmp_path, "[upstream]\nread_timeout = 45\n"), env={}).upstream
+    assert (upstream.first_byte_timeout, upstream.chunk_timeout) == (45, 45)
 
 
 def test_unreadable_file() -> None:

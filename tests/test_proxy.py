@@ -123,7 +123,7 @@ async def test_gzip_response_stays_gzip() -> None:
     ("error", "status", "code"),
     [
         (httpx.ConnectError("refused"), 502, "upstream_unreachable"),
-        (httpx.RemoteProtocolError("reset"), 502, "upstream_unreachable"),
+        (httpx.RemoteProtocolError("bad status line"), 502, "upstream_bad_response"),
         (httpx.ConnectTimeout("slow"), 504, "upstream_timeout"),
         (httpx.ReadTimeout("slow"), 504, "upstream_timeout"),
     ],

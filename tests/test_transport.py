@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import time
+from collections.abc import Callable, Iterator
 
 import httpx
 import pytest
 
-from sentinel_proxy.transport import AiohttpTransport
+from sentinel_proxy.transport import AiohttpTransport, _Slots
 from tests.support.ports import free_port
+from tests.support.raw_upstream import RawUpstream, Responder
 from tests.support.upstream_stub import UpstreamStub
 
 
@@ -95,3 +99,215 @@ async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
             await writer.wait_closed()
         server.close()
         await server.wait_closed()
+
+
+@pytest.fixture
+def raw_upstreams() -> Iterator[Callable[[bytes | Responder], RawUpstream]]:
+    started: list[RawUpstream] = []
+
+    def start(response: bytes | Responder) -> RawUpstream:
+        server = RawUpstream(response).start()
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
+
+
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
+
+
+async def test_header_bytes_outside_ascii_reach_the_upstream_as_sent(
+    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+) -> None:
+    server = raw_upstreams(OK)
+    transport = AiohttpTransport(max_connections=4)
+    utf8 = "café ☕".encode()
+    request = httpx.Request(
+        "GET",
+        f"{server.base_url}/models",
+        headers=[(b"x-note", utf8), (b"x-latin", b"caf\xe9"), (b"x-plain", b"ascii")],
+    )
+    try:
+        response = await transport.handle_async_request(request)
+        await response.aclose()
+        # An all-ASCII request afterwards is written by aiohttp's own serializer again.
+        plain = httpx.Request("GET", f"{server.base_url}/models", headers=[(b"x-a", b"b")])
+        await (await transport.handle_async_request(plain)).aclose()
+    finally:
+        await transport.aclose()
+    first, second = server.wait_for_requests(2)
+    assert b"\r\nx-note: " + utf8 + b"\r\n" in first
+    assert b"\r\nx-latin: caf\xe9\r\n" in first
+    assert b"\r\nx-plain: ascii\r\n" in first
+    assert first.startswith(b"GET /v1/models HTTP/1.1\r\n")
+    assert b"\r\nx-a: b\r\n" in second
+
+
+@pytest.mark.parametrize("value", [b"a\x01b", b"\xe9\x01"])
+async def test_control_characters_in_header_values_are_refused(
+    raw_upstreams: Callable[[bytes | Responder], RawUpstream], value: bytes
+) -> None:
+    server = raw_upstreams(OK)
+    transport = AiohttpTransport(max_connections=1)
+    request = httpx.Request("GET", f"{server.base_url}/models", headers=[(b"x", value)])
+    try:
+        with pytest.raises(httpx.LocalProtocolError):
+            await transport.handle_async_request(request)
+        # The slot taken for the refused request was given back.
+        assert transport._slots.free == 1
+    finally:
+        await transport.aclose()
+
+
+async def test_accepts_response_headers_as_large_as_the_proxy_accepts_from_clients(
+    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+) -> None:
+    many = b"".join(b"x-h%d: v\r\n" % i for i in range(300))
+    big = b"x-big: " + b"a" * (40 * 1024) + b"\r\n"
+    server = raw_upstreams(b"HTTP/1.1 200 OK\r\n" + many + big + OK.split(b"\r\n", 1)[1])
+    transport = AiohttpTransport(max_connections=4)
+    try:
+        response = await transport.handle_async_request(
+            httpx.Request("GET", f"{server.base_url}/models")
+        )
+        body = b"".join([chunk async for chunk in response.aiter_raw()])
+        await response.aclose()
+    finally:
+        await transport.aclose()
+    assert response.status_code == 200 and body == b"ok"
+    assert len(response.headers.get_list("x-h7") + response.headers.get_list("x-h299")) == 2
+    assert response.headers["x-big"] == "a" * (40 * 1024)
+
+
+async def test_waiting_for_a_free_connection_is_bounded_by_the_pool_timeout(
+    upstream: UpstreamStub,
+) -> None:
+    upstream.slow_stream(seconds=30, interval=0.05)
+    transport = AiohttpTransport(max_connections=1)
+    timeout = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 0.2}
+
+    def chat() -> httpx.Request:
+        return httpx.Request(
+            "POST",
+            f"{upstream.base_url}/chat/completions",
+            headers=[(b"content-type", b"application/json")],
+            content=b'{"model": "m", "stream": true}',
+            extensions={"timeout": timeout},
+        )
+
+    try:
+        holding = await transport.handle_async_request(chat())
+        started = time.monotonic()
+        with pytest.raises(httpx.PoolTimeout):
+            await transport.handle_async_request(chat())
+        assert time.monotonic() - started < 3.0
+        await holding.aclose()
+        await holding.aclose()  # closing twice gives the slot back once
+        after = await transport.handle_async_request(chat())
+        assert after.status_code == 200
+        await after.aclose()
+        assert transport._slots.free == 1
+    finally:
+        await transport.aclose()
+
+
+async def test_the_pool_lends_no_more_slots_than_it_has_and_gets_each_back() -> None:
+    slots = _Slots(2)
+    holders = 0
+    most = 0
+
+    async def use(hold: float) -> None:
+        nonlocal holders, most
+        if slots.free:
+            slots.free -= 1
+        else:
+            await slots.wait(10.0)
+        holders += 1
+        most = max(most, holders)
+        try:
+            await asyncio.sleep(hold)  # the request in flight
+        finally:
+            holders -= 1
+            slots.release()
+
+    users = [asyncio.create_task(use(0.02)) for _ in range(10)]
+    leaving = asyncio.create_task(use(0.02))
+    await asyncio.sleep(0)
+    leaving.cancel()  # a client that leaves while it waits for a slot
+    with pytest.raises(httpx.PoolTimeout):
+        await slots.wait(0.001)  # gives up at once: every slot is lent
+    await asyncio.gather(*users)
+    assert leaving.cancelled()
+    assert most == 2
+    assert slots.free == 2
+
+
+async def test_a_slot_handed_to_a_waiter_that_leaves_at_that_moment_is_not_lost() -> None:
+    slots = _Slots(1)
+    slots.free -= 1
+    waiter = asyncio.create_task(slots.wait(10.0))
+    await asyncio.sleep(0)
+    slots.release()  # hands the slot over...
+    waiter.cancel()  # ...to a waiter cancelled before it could run
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert slots.free == 1
+
+
+def _respond_in_steps(*steps: bytes | float) -> Responder:
+    """Write each bytes step, wait each float step (seconds) as a slow upstream would."""
+
+    def respond(conn: socket.socket, request: bytes) -> None:
+        for step in steps:
+            if isinstance(step, bytes):
+                conn.sendall(step)
+            else:
+                time.sleep(step)
+
+    return respond
+
+
+SSE_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+EVENT = b"10\r\ndata: thinking\n\n\r\n"
+
+
+async def test_after_the_first_body_bytes_silence_is_bounded_by_the_chunk_timeout(
+    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+) -> None:
+    server = raw_upstreams(_respond_in_steps(SSE_HEAD, 0.1, EVENT, 30.0))
+    transport = AiohttpTransport(max_connections=4)
+    timeout = {"connect": 5.0, "read": 20.0, "write": 5.0, "pool": 5.0, "chunk": 0.3}
+    request = httpx.Request("GET", f"{server.base_url}/stream", extensions={"timeout": timeout})
+    received: list[bytes] = []
+    try:
+        response = await transport.handle_async_request(request)
+        started = time.monotonic()
+        with pytest.raises(httpx.ReadTimeout):
+            async for chunk in response.aiter_raw():
+                received.append(chunk)
+        assert time.monotonic() - started < 10.0, "the first-byte timeout applied, not chunk"
+        await response.aclose()
+    finally:
+        await transport.aclose()
+    assert b"".join(received) == b"data: thinking\n\n"
+
+
+async def test_until_the_first_body_bytes_the_first_byte_timeout_applies(
+    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+) -> None:
+    # Headers at once, then a model that thinks longer than the chunk timeout.
+    server = raw_upstreams(_respond_in_steps(SSE_HEAD, 1.0, EVENT + b"0\r\n\r\n"))
+    transport = AiohttpTransport(max_connections=4)
+    timeout = {"connect": 5.0, "read": 20.0, "write": 5.0, "pool": 5.0, "chunk": 0.3}
+    request = httpx.Request("GET", f"{server.base_url}/stream", extensions={"timeout": timeout})
+    try:
+        response = await transport.handle_async_request(request)
+        body = b"".join([chunk async for chunk in response.aiter_raw()])
+        await response.aclose()
+    finally:
+        await transport.aclose()
+    assert body == b"data: thinking\n\n"

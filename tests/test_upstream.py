@@ -1,10 +1,18 @@
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import httpx
 import pytest
 
 from sentinel_proxy.config import UpstreamConfig
-from sentinel_proxy.exceptions import UpstreamTimeout, UpstreamUnavailable
+from sentinel_proxy.exceptions import (
+    InvalidRequest,
+    UpstreamBadResponse,
+    UpstreamPoolExhausted,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from sentinel_proxy.upstream import Upstream
 
 
@@ -31,10 +39,18 @@ async def test_timeouts_come_from_the_configuration() -> None:
         seen.append(request)
         return httpx.Response(204)
 
-    config = UpstreamConfig(connect_timeout=2.5, read_timeout=90)
+    config = UpstreamConfig(
+        connect_timeout=2.5, first_byte_timeout=90, chunk_timeout=30, pool_timeout=0.5
+    )
     upstream = Upstream(config, transport=httpx.MockTransport(handler))
     await upstream.send(httpx.Request("GET", "http://up.test/v1/models"))
-    assert seen[0].extensions["timeout"] == {"connect": 2.5, "read": 90, "write": 90, "pool": 2.5}
+    assert seen[0].extensions["timeout"] == {
+        "connect": 2.5,
+        "read": 90,
+        "write": 90,
+        "pool": 0.5,
+        "chunk": 30,
+    }
 
 
 @pytest.mark.parametrize(
@@ -43,7 +59,9 @@ async def test_timeouts_come_from_the_configuration() -> None:
         (httpx.ConnectError("refused"), UpstreamUnavailable),
         (httpx.ReadError("reset"), UpstreamUnavailable),
         (httpx.ConnectTimeout("slow"), UpstreamTimeout),
-        (httpx.PoolTimeout("full"), UpstreamTimeout),
+        (httpx.RemoteProtocolError("bad header line"), UpstreamBadResponse),
+        (httpx.PoolTimeout("full"), UpstreamPoolExhausted),
+        (httpx.LocalProtocolError("control character"), InvalidRequest),
     ],
 )
 async def test_httpx_errors_are_translated_at_the_seam(
@@ -56,3 +74,25 @@ async def test_httpx_errors_are_translated_at_the_seam(
     with pytest.raises(translated) as info:
         await upstream.send(httpx.Request("GET", "http://up.test/v1/models"))
     assert info.value.__cause__ is error
+
+
+@pytest.mark.parametrize("status", [101, 600, 999])
+async def test_a_status_http_does_not_allow_is_a_bad_response(status: int) -> None:
+    closed: list[bool] = []
+
+    class Body(httpx.AsyncByteStream):
+        async def __aiter__(self) -> AsyncIterator[bytes]:
+            yield b"ok"
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, stream=Body())
+
+    upstream = Upstream(UpstreamConfig(), transport=httpx.MockTransport(handler))
+    with pytest.raises(UpstreamBadResponse) as info:
+        await upstream.send(httpx.Request("GET", "http://up.test/v1/models"))
+    assert info.value.status_code == 502
+    assert str(status) in info.value.message
+    assert closed == [True], "the response (and its pooled connection) was not released"

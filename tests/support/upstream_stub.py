@@ -13,7 +13,10 @@ Tests compare bytes with :meth:`UpstreamStub.chat_completion_body` and
 :meth:`UpstreamStub.stream_body`, which return exactly what the stub sends, and read what the stub
 received from :attr:`UpstreamStub.requests`. ``queue_response``/``queue_error`` make the next
 request(s) answer something else; ``add_response_header`` adds a header (``set-cookie``) to every
-answer; ``configure_stream``/``slow_stream`` shape the SSE stream. When a client (the proxy) drops
+answer; ``configure_stream``/``slow_stream`` shape the SSE stream; ``break_stream`` makes it end
+without its terminating chunk (the connection cut, as an upstream that dies mid-stream),
+``flood_stream`` makes it endless large events sent as fast as the reader takes them, and
+``delay_response`` holds every answer's headers back. When a client (the proxy) drops
 the connection in the middle of a stream, :attr:`UpstreamStub.upstream_disconnected` is set and
 :attr:`UpstreamStub.disconnected_at` holds the ``time.monotonic()`` of that moment.
 """
@@ -104,6 +107,9 @@ class UpstreamStub:
         self._extra_headers: list[tuple[str, str]] = []
         self.stream_chunks = DEFAULT_STREAM_CHUNKS
         self.stream_delay = 0.0
+        self.stream_break_after: int | None = None
+        self.stream_flood: int | None = None
+        self.response_delay = 0.0
         self.upstream_disconnected = threading.Event()
         self.disconnected_at: float | None = None
         self.stream_started = threading.Event()
@@ -185,6 +191,9 @@ class UpstreamStub:
             self._extra_headers.clear()
         self.stream_chunks = DEFAULT_STREAM_CHUNKS
         self.stream_delay = 0.0
+        self.stream_break_after = None
+        self.stream_flood = None
+        self.response_delay = 0.0
         self.upstream_disconnected.clear()
         self.disconnected_at = None
         self.stream_started.clear()
@@ -246,6 +255,26 @@ class UpstreamStub:
     def slow_stream(self, seconds: float = 30.0, interval: float = 0.1) -> None:
         """A stream that lasts about ``seconds``, one event every ``interval`` seconds."""
         self.configure_stream(chunks=max(1, int(seconds / interval)), delay=interval)
+
+    def break_stream(self, after_events: int = 2) -> None:
+        """Streams send ``after_events`` events, then the connection is cut: the body ends
+        without its terminating chunk."""
+        self.stream_break_after = after_events
+
+    def flood_stream(self, event_size: int = 64 * 1024) -> None:
+        """Streams send events of about ``event_size`` bytes, without end, as fast as the
+        reader takes them, until the reader goes away (enough to fill every buffer between
+        the stub and a client that stops reading)."""
+        self.stream_flood = event_size
+
+    def delay_response(self, seconds: float) -> None:
+        """Every answer's headers wait ``seconds`` (a model thinking before it answers)."""
+        self.response_delay = seconds
+
+    def disconnected_count(self) -> int:
+        """How many requests lost their reader before their response was complete."""
+        with self._lock:
+            return sum(1 for r in self._requests if r.disconnected)
 
     # -- what was received ----------------------------------------------------------------
     @property
@@ -386,6 +415,8 @@ class UpstreamStub:
             canned = self._canned.popleft() if self._canned else None
             extra_headers = list(self._extra_headers)
 
+        if self.response_delay:
+            await self._pause(self.response_delay, asyncio.Event())
         if canned is not None:
             await self._send_full(
                 send, record, canned.status, list(canned.headers) + extra_headers, canned.body
@@ -486,12 +517,18 @@ class UpstreamStub:
                 }
             )
             self.stream_started.set()
+            if self.stream_flood is not None:
+                await self._flood(send, gone, self.stream_flood)
+                return
             all_sent = False
             for index, event in enumerate(events):
                 if index and delay > 0:
                     await self._pause(delay, gone)
                 if gone.is_set() or self._closing:
                     break
+                if index == self.stream_break_after:
+                    # Returning without the last message: uvicorn closes the connection.
+                    return
                 await send({"type": "http.response.body", "body": event, "more_body": True})
                 record.response_body += event
             else:
@@ -507,6 +544,14 @@ class UpstreamStub:
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
+
+    async def _flood(self, send: Send, gone: asyncio.Event, size: int) -> None:
+        event = b"data: " + b"x" * max(0, size - 8) + b"\n\n"
+        while not gone.is_set() and not self._closing:
+            await send({"type": "http.response.body", "body": event, "more_body": True})
+            # uvicorn's send does not yield while the reader keeps up; the disconnect
+            # watcher needs a turn of the loop.
+            await asyncio.sleep(0)
 
     async def _pause(self, seconds: float, gone: asyncio.Event) -> None:
         """Wait ``seconds``, but return early when the peer is gone or the stub is closing."""
