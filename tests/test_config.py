@@ -168,9 +168,9 @@ def test_config_is_frozen() -> None:
         ),
         ('[debug]\nenabled = true\ntoken = "short"', {}, "debug.token", "16"),
         ("not = [toml", {}, "config", "not valid TOML"),
-        ("[upstream]\nchunk_timeout = 0", {}, "upstream.chunk_timeout", "positive"),
+        ("[upstream]\nchunk_timeout = 0", {}, "upstream.chunk_timeout", "above 0"),
         ('[upstream]\npool_timeout = "5"', {}, "upstream.pool_timeout", "number"),
-        ("[upstream]\nstream_idle_seconds = -1", {}, "upstream.stream_idle_seconds", "positive"),
+        ("[upstream]\nstream_idle_seconds = -1", {}, "upstream.stream_idle_seconds", "above 0"),
         (
             "[upstream]\nread_timeout = 60\nchunk_timeout = 5",
             {},
