@@ -166,6 +166,8 @@ class Supervisor:
             logger.error("cannot listen on %s port %s: %s", server.host, server.port, exc)
             return 1
         self._slots = [_Slot(index, sock) for index, sock in enumerate(sockets)]
+        host, port = sockets[0].getsockname()[:2]
+        logger.info("listening on %s port %s with %d workers", host, port, len(sockets))
         wakeup_read, wakeup_write = os.pipe()
         os.set_blocking(wakeup_write, False)
         previous = {
