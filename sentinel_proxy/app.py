@@ -79,6 +79,8 @@ class _Runtime:
 
     proxy: Proxy | None = None
     store: SessionStore | None = None
+    # Set by the first stop signal (server.py): readiness fails and connections close.
+    draining = False
 
 
 def create_app(
@@ -127,6 +129,8 @@ def create_app(
 
     async def readyz(request: Request) -> Response:
         store = runtime.store
+        if runtime.draining:
+            return JSONResponse({"status": "draining"}, status_code=503)
         if runtime.proxy is None or store is None:
             return JSONResponse({"status": "starting"}, status_code=503)
         if await store.ping():
@@ -181,8 +185,14 @@ class Gateway:
         self.starlette = starlette
         self._runtime = runtime
 
+    def drain(self) -> None:
+        """From now on /readyz fails and every response closes its connection."""
+        self._runtime.draining = True
+
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
+            if self._runtime.draining:
+                send = _closing(send)
             path: str = scope["path"]
             if path == "/v1" or path.startswith("/v1/"):
                 proxy = self._runtime.proxy
@@ -191,6 +201,15 @@ class Gateway:
                 await proxy(scope, receive, send)
                 return
         await self.starlette(scope, receive, send)  # type: ignore[arg-type]
+
+
+def _closing(send: Send) -> Send:
+    async def closing_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            message["headers"] = [*message.get("headers", ()), (b"connection", b"close")]
+        await send(message)
+
+    return closing_send
 
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:

@@ -1,28 +1,22 @@
-"""The `sentinel-proxy` command: load the configuration once, then run uvicorn."""
+"""The `sentinel-proxy` command: load the configuration once, then serve it, in this
+process or under the supervisor of `--workers N` (which hands the workers that same
+configuration)."""
 
 from __future__ import annotations
 
 import argparse
 import logging.config
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-import orjson
-import uvicorn
-
 from sentinel_proxy import __version__
-from sentinel_proxy.app import Gateway, create_app
 from sentinel_proxy.config import LOG_LEVELS, Config, load_config
 from sentinel_proxy.exceptions import ConfigError
 from sentinel_proxy.logs import logging_config
-from sentinel_proxy.workers import exit_cleanly, run_workers
-
-# Worker processes rebuild the configuration from the same inputs; the CLI flags reach
-# them through this variable.
-_OVERRIDES_ENV = "SENTINEL_CLI_OVERRIDES"
+from sentinel_proxy.server import serve
+from sentinel_proxy.workers import run_workers
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,19 +60,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
-    signal.signal(signal.SIGTERM, exit_cleanly)
     options = uvicorn_options(config)
-    server = config.server
-    if server.workers == 1:
-        uvicorn.run(create_app(config), **options)
-        return 0
-    if args.config:
-        os.environ["SENTINEL_CONFIG"] = os.path.abspath(args.config)
-    os.environ[_OVERRIDES_ENV] = orjson.dumps(overrides).decode()
+    if config.server.workers == 1:
+        return serve(config, options)
     logging.config.dictConfig(options["log_config"])
-    return run_workers(
-        server.workers, {**options, "app": "sentinel_proxy.cli:worker_app", "factory": True}
-    )
+    return run_workers(config, uvicorn_options)
 
 
 def uvicorn_options(config: Config) -> dict[str, Any]:
@@ -104,10 +90,3 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
         "timeout_graceful_shutdown": server.shutdown_grace_seconds,
         "backlog": 4096,
     }
-
-
-def worker_app() -> Gateway:
-    """The app of each worker process under `--workers N`."""
-    overrides: dict[str, Any] = orjson.loads(os.environ.get(_OVERRIDES_ENV, "{}"))
-    config: Config = load_config(None, env=os.environ, overrides=overrides)
-    return create_app(config)

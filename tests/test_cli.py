@@ -23,8 +23,8 @@ def test_options_follow_the_configuration() -> None:
     uvicorn.Config(app=lambda: None, **options)
 
 
-def test_a_fractional_grace_period_reaches_uvicorn_as_is(tmp_path: Path) -> None:
-    path = tmp_path / "grace.toml"
-    path.write_text("[server]\nshutdown_grace_seconds = 0.5\n")
+def test_the_grace_period_keeps_its_fraction(tmp_path: Path) -> None:
+    path = tmp_path / "sentinel.toml"
+    path.write_text("[server]\nshutdown_grace_seconds = 1.5\n")
     options = uvicorn_options(load_config(str(path), env={}))
-    assert options["timeout_graceful_shutdown"] == 0.5
+    assert options["timeout_graceful_shutdown"] == 1.5

@@ -54,3 +54,35 @@ def listeners_by_process(pid: int, port: int) -> dict[int, set[int]]:
     listening = listening_sockets(port)
     held = {p: sockets_of(p) & listening for p in [pid, *children(pid)]}
     return {p: inodes for p, inodes in held.items() if inodes}
+
+
+def alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat[stat.rindex(")") + 2] != "Z"
+
+
+def connection_owner(pids: list[int], server_port: int, client_port: int) -> int | None:
+    """Which of `pids` holds the server side of the loopback TCP connection between
+    `server_port` and `client_port` (None: none of them, or no such connection)."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(table).read_text().splitlines()[1:]:
+                fields = line.split()
+                local = int(fields[1].rsplit(":", 1)[1], 16)
+                remote = int(fields[2].rsplit(":", 1)[1], 16)
+                if (local, remote) == (server_port, client_port):
+                    inodes.add(int(fields[9]))
+    for pid in pids:
+        if sockets_of(pid) & inodes:
+            return pid
+    return None
+
+
+def worker_pids(supervisor: int, port: int) -> list[int]:
+    """The children of `supervisor` that hold a socket listening on `port`, in PID order."""
+    return sorted(pid for pid in listeners_by_process(supervisor, port) if pid != supervisor)

@@ -108,8 +108,11 @@ class ProxyProcess:
         log_level: str = "info",
         extra_args: Sequence[str] = (),
         name: str = "proxy",
+        process_group: bool = False,
     ) -> None:
         self.workdir = workdir
+        # A process group of its own, so that a test can signal it as a terminal would.
+        self.process_group = process_group
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.name = name
         self.port = port if port is not None else free_port()
@@ -181,6 +184,7 @@ class ProxyProcess:
             stdin=subprocess.DEVNULL,
             stdout=stdout,
             stderr=stderr,
+            process_group=0 if self.process_group else None,
         )
         if ready_path is not None:
             self.wait_ready(ready_path, timeout)
