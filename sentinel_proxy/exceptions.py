@@ -10,7 +10,9 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
         ├── Unauthorized         401 (debug endpoints)
         ├── NotFound             404
         ├── MethodNotAllowed     405
+        ├── RequestTimeout       408 (head or body too slow; the connection closes)
         ├── StoreUnavailable     503 + Retry-After (session store down, slow or circuit open)
+        ├── Overloaded           503 + Retry-After (past server.max_connections)
         └── UpstreamError
             ├── UpstreamUnavailable  502 (refused, reset or broken before the response)
             └── UpstreamTimeout      504
@@ -84,9 +86,20 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ProxyError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class StoreUnavailable(ProxyError):
     status_code = 503
     code = "session_store_unavailable"
+
+
+class Overloaded(ProxyError):
+    status_code = 503
+    code = "server_overloaded"
 
 
 class UpstreamError(ProxyError):
