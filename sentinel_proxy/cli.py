@@ -15,9 +15,10 @@ import uvicorn
 
 from sentinel_proxy import __version__
 from sentinel_proxy.app import Gateway, create_app
-from sentinel_proxy.config import LOG_LEVELS, Config, load_config
+from sentinel_proxy.config import LOG_LEVELS, Config, file_descriptors, load_config
 from sentinel_proxy.exceptions import ConfigError
 from sentinel_proxy.logs import logging_config
+from sentinel_proxy.protocol import protocol_class, raise_file_limit
 from sentinel_proxy.workers import exit_cleanly, run_workers
 
 # Worker processes rebuild the configuration from the same inputs; the CLI flags reach
@@ -84,6 +85,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def uvicorn_options(config: Config) -> dict[str, Any]:
     """uvicorn's settings for one worker of this configuration."""
     server = config.server
+    # Here, before any worker starts: workers inherit the limit.
+    raise_file_limit(file_descriptors(config))
     return {
         "host": server.host,
         "port": server.port,
@@ -91,7 +94,10 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
         # some clients waited seconds for a first answer; on asyncio's loop the slowest of 512
         # connections waited 0.78 s, at the same CPU per request (bench/RESULTS.md).
         "loop": "asyncio",
-        "http": "httptools",
+        # uvicorn's httptools protocol with deadlines and a head size limit (protocol.py).
+        "http": protocol_class(server),
+        # uvicorn counts the connection asking too: one more lets max_connections in.
+        "limit_concurrency": server.max_connections + 1,
         "lifespan": "on",
         "access_log": False,
         # Client addresses are not used, so X-Forwarded-* need no parsing.

@@ -1,16 +1,20 @@
 from __future__ import annotations
 
+import pickle
+
 import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from sentinel_proxy.cli import uvicorn_options
 from sentinel_proxy.config import load_config
+from sentinel_proxy.protocol import ClientProtocol
 
 
 def test_uvicorn_runs_on_asyncio_loop_with_httptools() -> None:
     # uvloop starved a few connections for seconds at 512 connections (bench/RESULTS.md).
     options = uvicorn_options(load_config(None, env={}))
     assert options["loop"] == "asyncio"
-    assert options["http"] == "httptools"
+    assert issubclass(options["http"].func, HttpToolsProtocol)
 
 
 def test_options_follow_the_configuration() -> None:
@@ -19,3 +23,16 @@ def test_options_follow_the_configuration() -> None:
     assert (options["host"], options["port"]) == ("0.0.0.0", 9123)
     # Every key is one uvicorn.Config accepts: a typo would fail at start-up, not here.
     uvicorn.Config(app=lambda: None, **options)
+
+
+def test_client_connections_get_the_protocol_with_its_limits_and_the_cap() -> None:
+    config = load_config(
+        None, env={}, overrides={"max_connections": 100, "header_timeout_seconds": 2.5}
+    )
+    options = uvicorn_options(config)
+    # --workers pickles the options into each worker process.
+    protocol = pickle.loads(pickle.dumps(options["http"]))
+    assert protocol.func is ClientProtocol
+    assert protocol.keywords["limits"] == config.server
+    # uvicorn counts the connection that asks too: 101 lets 100 in.
+    assert options["limit_concurrency"] == 101
