@@ -12,9 +12,10 @@ from collections.abc import Sequence
 from typing import Any
 
 from sentinel_proxy import __version__
-from sentinel_proxy.config import LOG_LEVELS, Config, load_config
+from sentinel_proxy.config import LOG_LEVELS, Config, file_descriptors, load_config
 from sentinel_proxy.exceptions import ConfigError
 from sentinel_proxy.logs import logging_config
+from sentinel_proxy.protocol import protocol_class, raise_file_limit
 from sentinel_proxy.server import serve
 from sentinel_proxy.workers import run_workers
 
@@ -60,6 +61,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    # Before any worker starts: workers inherit the limit.
+    raise_file_limit(file_descriptors(config))
     options = uvicorn_options(config)
     if config.server.workers == 1:
         return serve(config, options)
@@ -70,6 +73,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 def uvicorn_options(config: Config) -> dict[str, Any]:
     """uvicorn's settings for one worker of this configuration."""
     server = config.server
+    # Here, before any worker starts: workers inherit the limit.
+    raise_file_limit(file_descriptors(config))
     return {
         "host": server.host,
         "port": server.port,
@@ -77,7 +82,10 @@ def uvicorn_options(config: Config) -> dict[str, Any]:
         # some clients waited seconds for a first answer; on asyncio's loop the slowest of 512
         # connections waited 0.78 s, at the same CPU per request (bench/RESULTS.md).
         "loop": "asyncio",
-        "http": "httptools",
+        # uvicorn's httptools protocol with deadlines and a head size limit (protocol.py).
+        "http": protocol_class(server),
+        # uvicorn counts the connection asking too: one more lets max_connections in.
+        "limit_concurrency": server.max_connections + 1,
         "lifespan": "on",
         "access_log": False,
         # Client addresses are not used, so X-Forwarded-* need no parsing.

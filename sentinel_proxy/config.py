@@ -7,6 +7,7 @@ environment.
 from __future__ import annotations
 
 import math
+import resource
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -38,6 +39,13 @@ DEFAULT_POOL_TIMEOUT = 5.0
 DEFAULT_STREAM_IDLE_SECONDS = 300.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_SHUTDOWN_GRACE = 30.0
+DEFAULT_HEADER_TIMEOUT = 10.0
+# 1 KiB/s averaged over 10 s: far below any real link, far above a slowloris trickle.
+DEFAULT_BODY_MIN_RATE = 1024
+DEFAULT_BODY_RATE_WINDOW = 10.0
+DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
+# File descriptors a worker holds besides its connections: listening socket, logs, the loop's.
+FILE_DESCRIPTOR_RESERVE = 64
 # Redis refuses expiry times past a limit, and a decade is more than any conversation needs.
 MAX_SESSION_TTL = 10 * 365 * 86_400
 # No timeout or grace period of the proxy's is meant to last longer.
@@ -132,6 +140,11 @@ class ServerConfig:
     log_level: str = "info"
     log_format: LogFormat = "text"
     shutdown_grace_seconds: float = DEFAULT_SHUTDOWN_GRACE
+    # Client connections (protocol.py): deadlines, body rate, cap per worker.
+    header_timeout_seconds: float = DEFAULT_HEADER_TIMEOUT
+    body_min_rate_bytes_per_second: int = DEFAULT_BODY_MIN_RATE
+    body_rate_window_seconds: float = DEFAULT_BODY_RATE_WINDOW
+    max_connections: int = DEFAULT_MAX_CLIENT_CONNECTIONS
 
 
 @dataclass(frozen=True, slots=True)
@@ -215,7 +228,34 @@ def load_config(
             f"{server.workers} workers need a shared session store: set session.redis_url "
             "(the in-memory store lives in one process)",
         )
+    _check_file_limit(config)
     return config
+
+
+def file_descriptors(config: Config) -> int:
+    """File descriptors one worker may hold at once: client and upstream connections, the
+    Redis pool and a reserve."""
+    redis = config.session.redis_max_connections if config.session.redis_url else 0
+    return (
+        config.server.max_connections
+        + config.upstream.max_connections
+        + redis
+        + FILE_DESCRIPTOR_RESERVE
+    )
+
+
+def _check_file_limit(config: Config) -> None:
+    # The soft limit is raised to the hard one at start (protocol.raise_file_limit); past the
+    # hard one, accept() would fail where the connection cap should answer 503.
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    needed = file_descriptors(config)
+    if hard != resource.RLIM_INFINITY and needed > hard:
+        raise ConfigError(
+            "server.max_connections",
+            f"{config.server.max_connections} client connections with the upstream and Redis "
+            f"pools need {needed} file descriptors, above this process's hard limit of "
+            f"{hard} (ulimit -Hn)",
+        )
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -247,7 +287,18 @@ def _server(raw: dict[str, Any], env: Mapping[str, str], cli: Mapping[str, Any])
     _only(
         raw,
         "server.",
-        {"host", "port", "workers", "log_level", "log_format", "shutdown_grace_seconds"},
+        {
+            "host",
+            "port",
+            "workers",
+            "log_level",
+            "log_format",
+            "shutdown_grace_seconds",
+            "header_timeout_seconds",
+            "body_min_rate_bytes_per_second",
+            "body_rate_window_seconds",
+            "max_connections",
+        },
     )
     merged = {**raw}
     if "SENTINEL_HOST" in env:
@@ -271,6 +322,18 @@ def _server(raw: dict[str, Any], env: Mapping[str, str], cli: Mapping[str, Any])
         log_format=log_format,  # type: ignore[arg-type]
         shutdown_grace_seconds=_float(
             merged, "server.", "shutdown_grace_seconds", DEFAULT_SHUTDOWN_GRACE
+        ),
+        header_timeout_seconds=_float(
+            merged, "server.", "header_timeout_seconds", DEFAULT_HEADER_TIMEOUT
+        ),
+        body_min_rate_bytes_per_second=_int(
+            merged, "server.", "body_min_rate_bytes_per_second", DEFAULT_BODY_MIN_RATE, low=1
+        ),
+        body_rate_window_seconds=_float(
+            merged, "server.", "body_rate_window_seconds", DEFAULT_BODY_RATE_WINDOW
+        ),
+        max_connections=_int(
+            merged, "server.", "max_connections", DEFAULT_MAX_CLIENT_CONNECTIONS, low=1
         ),
     )
 

@@ -8,14 +8,13 @@ from typing import Any
 
 import orjson
 
-from sentinel_proxy.exceptions import ProxyError, StoreUnavailable, UpstreamPoolExhausted
+from sentinel_proxy.exceptions import ProxyError
 
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 
-# Seconds a client should wait before retrying while the session store is down or every
-# upstream connection is busy; the OpenAI SDKs honour Retry-After on 503.
+# Seconds a client should wait before retrying an error that passes by itself (a session
+# store down, every connection busy); the OpenAI SDKs honour Retry-After on 503.
 RETRY_AFTER_SECONDS = 1
-_RETRYABLE = (StoreUnavailable, UpstreamPoolExhausted)
 
 
 def error_body(exc: ProxyError) -> bytes:
@@ -36,7 +35,7 @@ def error_headers(exc: ProxyError, body: bytes) -> list[tuple[bytes, bytes]]:
         (b"content-type", b"application/json"),
         (b"content-length", str(len(body)).encode()),
     ]
-    if isinstance(exc, _RETRYABLE):
+    if exc.retry_after:
         headers.append((b"retry-after", str(RETRY_AFTER_SECONDS).encode()))
     return headers
 

@@ -11,8 +11,10 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
         ├── Unauthorized         401 (debug endpoints)
         ├── NotFound             404
         ├── MethodNotAllowed     405
+        ├── RequestTimeout       408 (head or body too slow; the connection closes)
         ├── StoreUnavailable     503 + Retry-After (session store down, slow or circuit open)
         ├── UpstreamPoolExhausted  503 + Retry-After (no free upstream connection in time)
+        ├── Overloaded           503 + Retry-After (past server.max_connections)
         └── UpstreamError
             ├── UpstreamUnavailable  502 (refused, reset or broken before the response)
             ├── UpstreamBadResponse  502 (not valid HTTP: status, malformed headers)
@@ -44,6 +46,8 @@ class ProxyError(SentinelError):
     status_code = 500
     error_type = "server_error"
     code = "internal_error"
+    # Whether the answer carries Retry-After: a condition that passes by itself.
+    retry_after = False
 
     def __init__(self, message: str, *, param: str | None = None) -> None:
         super().__init__(message)
@@ -93,8 +97,15 @@ class MethodNotAllowed(ProxyError):
     code = "method_not_allowed"
 
 
+class RequestTimeout(ProxyError):
+    status_code = 408
+    error_type = "invalid_request_error"
+    code = "request_timeout"
+
+
 class StoreUnavailable(ProxyError):
     status_code = 503
+    retry_after = True
     code = "session_store_unavailable"
 
 
@@ -104,6 +115,13 @@ class UpstreamPoolExhausted(ProxyError):
 
     status_code = 503
     code = "upstream_pool_exhausted"
+    retry_after = True
+
+
+class Overloaded(ProxyError):
+    status_code = 503
+    code = "server_overloaded"
+    retry_after = True
 
 
 class UpstreamError(ProxyError):

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
+import resource
 from pathlib import Path
 
 import pytest
 
 from sentinel_proxy.config import (
+    DEFAULT_MAX_CONNECTIONS,
     DEFAULT_UPSTREAM_URL,
+    FILE_DESCRIPTOR_RESERVE,
     Config,
     Secret,
     load_config,
@@ -177,6 +180,27 @@ def test_config_is_frozen() -> None:
             "upstream.read_timeout",
             "replaced by first_byte_timeout and chunk_timeout",
         ),
+        ("[server]\nheader_timeout_seconds = 0", {}, "server.header_timeout_seconds", "above 0"),
+        ('[server]\nheader_timeout_seconds = "10"', {}, "server.header_timeout_seconds", "number"),
+        (
+            "[server]\nbody_min_rate_bytes_per_second = 0",
+            {},
+            "server.body_min_rate_bytes_per_second",
+            "at least 1",
+        ),
+        (
+            "[server]\nbody_min_rate_bytes_per_second = 1.5",
+            {},
+            "server.body_min_rate_bytes_per_second",
+            "integer",
+        ),
+        (
+            "[server]\nbody_rate_window_seconds = -1",
+            {},
+            "server.body_rate_window_seconds",
+            "above 0",
+        ),
+        ("[server]\nmax_connections = 0", {}, "server.max_connections", "at least 1"),
         ("", {"SESSION_TTL_SECONDS": "day"}, "SESSION_TTL_SECONDS", "integer"),
     ],
 )
@@ -271,3 +295,35 @@ def test_the_example_config_loads() -> None:
     config = load_config(str(path), env={"OPENAI_API_KEY": "sk-x"})
     assert [p.name for p in config.providers] == ["openai", "local"]
     assert config.aliases["fast"].targets[0].weight == 3
+
+
+def test_client_connection_limits(tmp_path: Path) -> None:
+    defaults = load_config(None, env={}).server
+    assert (defaults.header_timeout_seconds, defaults.max_connections) == (10.0, 1024)
+    assert (defaults.body_min_rate_bytes_per_second, defaults.body_rate_window_seconds) == (
+        1024,
+        10.0,
+    )
+    text = (
+        "[server]\nheader_timeout_seconds = 2.5\nbody_min_rate_bytes_per_second = 100\n"
+        "body_rate_window_seconds = 30\nmax_connections = 50\n"
+    )
+    server = load_config(write(tmp_path, text), env={}).server
+    assert server.header_timeout_seconds == 2.5
+    assert server.body_min_rate_bytes_per_second == 100
+    assert server.body_rate_window_seconds == 30.0
+    assert server.max_connections == 50
+
+
+def test_a_connection_cap_beyond_the_file_limit_is_refused(tmp_path: Path) -> None:
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # The client connections, the upstream pool and a reserve must fit under the hard limit.
+    most = hard - DEFAULT_MAX_CONNECTIONS - FILE_DESCRIPTOR_RESERVE
+    if hard == resource.RLIM_INFINITY or most < 1:
+        pytest.skip(f"the hard limit on open files is {hard}")
+    fits = load_config(write(tmp_path, f"[server]\nmax_connections = {most}"), env={})
+    assert fits.server.max_connections == most
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[server]\nmax_connections = {most + 1}"), env={})
+    assert info.value.key == "server.max_connections"
+    assert f"hard limit of {hard}" in str(info.value)
