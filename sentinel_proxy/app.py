@@ -27,6 +27,7 @@ from sentinel_proxy.exceptions import (
     ProxyError,
     Unauthorized,
 )
+from sentinel_proxy.health import Health
 from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.proxy import Proxy
 from sentinel_proxy.relay import Receive, Send
@@ -91,7 +92,10 @@ def create_app(
     rand: Callable[[], float] = random.random,
 ) -> Gateway:
     runtime = _Runtime()
-    router = Router(config, rand=rand)
+    health = Health(
+        threshold=config.routing.eject_after_failures, cooldown=config.routing.eject_seconds
+    )
+    router = Router(config, health=health, rand=rand)
     metrics = Metrics()
 
     @asynccontextmanager
@@ -103,7 +107,12 @@ def create_app(
                 logger.warning("the session store does not answer yet; /readyz reports it")
             runtime.store = store
             runtime.proxy = Proxy(
-                config, router=router, store=store, upstream=upstream, metrics=metrics
+                config,
+                router=router,
+                health=health,
+                store=store,
+                upstream=upstream,
+                metrics=metrics,
             )
             # Everything made so far lives as long as the process: take it out of the
             # collector's sight, which otherwise walks it again and again under load.

@@ -7,6 +7,7 @@ environment.
 from __future__ import annotations
 
 import math
+import re
 import resource
 import tomllib
 from collections.abc import Mapping
@@ -46,6 +47,9 @@ DEFAULT_BODY_RATE_WINDOW = 10.0
 DEFAULT_MAX_CLIENT_CONNECTIONS = 1024
 # File descriptors a worker holds besides its connections: listening socket, logs, the loop's.
 FILE_DESCRIPTOR_RESERVE = 64
+# Passive health: consecutive failures that take a target out of selection, and for how long.
+DEFAULT_EJECT_AFTER_FAILURES = 5
+DEFAULT_EJECT_SECONDS = 30.0
 # Redis refuses expiry times past a limit, and a decade is more than any conversation needs.
 MAX_SESSION_TTL = 10 * 365 * 86_400
 # No timeout or grace period of the proxy's is meant to last longer.
@@ -75,6 +79,7 @@ _RESERVED_HEADERS = frozenset(
 
 LogFormat = Literal["text", "json"]
 StoreErrorMode = Literal["closed", "open"]
+TargetFailureMode = Literal["reselect", "error"]
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 
@@ -115,8 +120,10 @@ class Secret:
 class Provider:
     name: str
     base_url: str
-    # None: the client's own Authorization header goes upstream as it came.
+    # The key the proxy sends; None: the provider gets the client's own Authorization
+    # when forward_client_key is set, and no credentials otherwise.
     api_key: Secret | None = None
+    forward_client_key: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -129,7 +136,29 @@ class Target:
 @dataclass(frozen=True, slots=True)
 class Alias:
     name: str
+    # Weight 0 targets are configured but never selected.
     targets: tuple[Target, ...]
+    on_target_failure: TargetFailureMode = "reselect"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    """A client of the proxy, known by the SHA-256 of its key."""
+
+    external_id: str
+    key_sha256: bytes
+    # The alias routed to when the user names no model; None: routing.default_model.
+    tier: str | None = None
+    # What the user may ask for; None: anything.
+    models: frozenset[str] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RoutingConfig:
+    # The alias routed to when a request names no model, has no pin and its user no tier.
+    default_model: str | None = None
+    eject_after_failures: int = DEFAULT_EJECT_AFTER_FAILURES
+    eject_seconds: float = DEFAULT_EJECT_SECONDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +215,8 @@ class DebugConfig:
 class Config:
     providers: tuple[Provider, ...]
     aliases: Mapping[str, Alias] = field(default_factory=dict)
+    users: tuple[User, ...] = ()
+    routing: RoutingConfig = RoutingConfig()
     server: ServerConfig = ServerConfig()
     session: SessionConfig = SessionConfig()
     upstream: UpstreamConfig = UpstreamConfig()
@@ -208,14 +239,22 @@ def load_config(
     """Build the configuration, or raise ConfigError naming the offending key."""
     path = path or env.get("SENTINEL_CONFIG") or None
     raw = _read_toml(path) if path else {}
-    _only(raw, "", {"server", "session", "upstream", "providers", "models", "debug"})
+    _only(
+        raw,
+        "",
+        {"server", "session", "upstream", "providers", "models", "routing", "users", "debug"},
+    )
     server = _server(_table(raw, "server"), env, overrides or {})
     session = _session(_table(raw, "session"), env)
     providers = _providers(raw.get("providers"), env)
     aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
+    routing = _routing(_table(raw, "routing"), aliases)
+    users = _users(raw.get("users"), aliases, providers)
     config = Config(
         providers=providers,
         aliases=aliases,
+        users=users,
+        routing=routing,
         server=server,
         session=session,
         upstream=_upstream(_table(raw, "upstream")),
@@ -396,7 +435,13 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
 def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
     if raw is None:
         url = env.get("SENTINEL_UPSTREAM_URL") or DEFAULT_UPSTREAM_URL
-        return (Provider(DEFAULT_PROVIDER_NAME, _base_url("SENTINEL_UPSTREAM_URL", url)),)
+        # With no configuration the proxy is a pass-through: the client's key goes on.
+        provider = Provider(
+            DEFAULT_PROVIDER_NAME,
+            _base_url("SENTINEL_UPSTREAM_URL", url),
+            forward_client_key=True,
+        )
+        return (provider,)
     if not isinstance(raw, list) or not raw:
         raise ConfigError("providers", "must be a non-empty array of tables ([[providers]])")
     providers: list[Provider] = []
@@ -404,7 +449,7 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
         prefix = f"providers[{index}]."
         if not isinstance(item, dict):
             raise ConfigError(f"providers[{index}]", "must be a table")
-        _only(item, prefix, {"name", "base_url", "api_key_env"})
+        _only(item, prefix, {"name", "base_url", "api_key_env", "forward_client_key"})
         name = _name(item, prefix, "name")
         if any(p.name == name for p in providers):
             raise ConfigError(f"{prefix}name", f"provider {name!r} is defined twice")
@@ -423,8 +468,15 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
                     "non-ASCII text (a trailing newline?)",
                 )
             api_key = Secret(key)
+        forward = _bool(item, prefix, "forward_client_key", False)
+        if forward and api_key is not None:
+            raise ConfigError(
+                f"{prefix}forward_client_key", "cannot go with api_key_env: choose one key"
+            )
         base_url = _base_url(f"{prefix}base_url", _str(item, prefix, "base_url", None))
-        providers.append(Provider(name=name, base_url=base_url, api_key=api_key))
+        providers.append(
+            Provider(name=name, base_url=base_url, api_key=api_key, forward_client_key=forward)
+        )
     return tuple(providers)
 
 
@@ -478,7 +530,10 @@ def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
             raise ConfigError(f"models.{name!r}", _NAME_RULE)
         if not isinstance(table, dict):
             raise ConfigError(f"models.{name}", "must be a table with a targets array")
-        _only(table, prefix, {"targets"})
+        _only(table, prefix, {"targets", "on_target_failure"})
+        on_failure = _str(table, prefix, "on_target_failure", "reselect")
+        if on_failure not in ("reselect", "error"):
+            raise ConfigError(f"{prefix}on_target_failure", 'must be "reselect" or "error"')
         targets_raw = table.get("targets")
         if not isinstance(targets_raw, list) or not targets_raw:
             raise ConfigError(f"{prefix}targets", "must be a non-empty array")
@@ -492,10 +547,88 @@ def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
             if provider not in providers:
                 raise ConfigError(f"{key}provider", f"unknown provider {provider!r}")
             model = _name(item, key, "model")
-            weight = _int(item, key, "weight", 1, low=1)
+            weight = _int(item, key, "weight", 1, low=0)
+            if any((t.provider, t.model) == (provider, model) for t in targets):
+                raise ConfigError(f"{key}model", f"{provider}/{model} is a target twice")
             targets.append(Target(provider=provider, model=model, weight=weight))
-        aliases[name] = Alias(name=name, targets=tuple(targets))
+        if not any(t.weight for t in targets):
+            raise ConfigError(f"{prefix}targets", "every target has weight 0: none can serve")
+        aliases[name] = Alias(
+            name=name,
+            targets=tuple(targets),
+            on_target_failure=on_failure,  # type: ignore[arg-type]
+        )
     return aliases
+
+
+def _routing(raw: dict[str, Any], aliases: Mapping[str, Alias]) -> RoutingConfig:
+    _only(raw, "routing.", {"default_model", "eject_after_failures", "eject_seconds"})
+    default = None
+    if "default_model" in raw:
+        default = _alias_name(raw, "routing.", "default_model", aliases)
+    return RoutingConfig(
+        default_model=default,
+        eject_after_failures=_int(
+            raw, "routing.", "eject_after_failures", DEFAULT_EJECT_AFTER_FAILURES, low=1
+        ),
+        eject_seconds=_float(raw, "routing.", "eject_seconds", DEFAULT_EJECT_SECONDS),
+    )
+
+
+def _users(
+    raw: Any, aliases: Mapping[str, Alias], providers: tuple[Provider, ...]
+) -> tuple[User, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError("users", "must be a non-empty array of tables ([[users]])")
+    users: list[User] = []
+    for index, item in enumerate(raw):
+        prefix = f"users[{index}]."
+        if not isinstance(item, dict):
+            raise ConfigError(f"users[{index}]", "must be a table")
+        _only(item, prefix, {"external_id", "key_sha256", "tier", "models"})
+        external_id = _str(item, prefix, "external_id", None)
+        if len(external_id) > MAX_NAME_LENGTH or not _EXTERNAL_ID.fullmatch(external_id):
+            raise ConfigError(
+                f"{prefix}external_id",
+                f"must be letters, digits, '-', '_' or '.' (never ':'), at most {MAX_NAME_LENGTH}",
+            )
+        digest = _str(item, prefix, "key_sha256", None).lower()
+        if not _SHA256.fullmatch(digest):
+            raise ConfigError(f"{prefix}key_sha256", "must be 64 hex digits (SHA-256 of the key)")
+        models = None
+        if "models" in item:
+            listed = item["models"]
+            if not isinstance(listed, list) or not all(is_valid_name(m) for m in listed):
+                raise ConfigError(f"{prefix}models", "must be an array of model names")
+            models = frozenset(listed)
+        tier = None
+        if "tier" in item:
+            tier = _alias_name(item, prefix, "tier", aliases)
+            if models is not None and tier not in models:
+                raise ConfigError(f"{prefix}tier", f"{tier!r} is not among the user's models")
+        for other in users:
+            if other.external_id == external_id:
+                raise ConfigError(f"{prefix}external_id", f"{external_id!r} is defined twice")
+            if other.key_sha256.hex() == digest:
+                raise ConfigError(f"{prefix}key_sha256", "is another user's key")
+        users.append(User(external_id, bytes.fromhex(digest), tier, models))
+    for index, provider in enumerate(providers):
+        # Authenticated clients' keys are the proxy's business, never an upstream's.
+        if provider.api_key is None:
+            raise ConfigError(
+                f"providers[{index}].api_key_env",
+                f"provider {provider.name!r} needs its own key when [[users]] are configured",
+            )
+    return tuple(users)
+
+
+def _alias_name(raw: Mapping[str, Any], prefix: str, key: str, aliases: Mapping[str, Alias]) -> str:
+    name = _str(raw, prefix, key, None)
+    if name not in aliases:
+        raise ConfigError(f"{prefix}{key}", f"{name!r} is no alias ([models.{name}])")
+    return name
 
 
 def _upstream(raw: dict[str, Any]) -> UpstreamConfig:
@@ -537,9 +670,7 @@ def _upstream(raw: dict[str, Any]) -> UpstreamConfig:
 
 def _debug(raw: dict[str, Any]) -> DebugConfig:
     _only(raw, "debug.", {"enabled", "token"})
-    enabled = raw.get("enabled", False)
-    if not isinstance(enabled, bool):
-        raise ConfigError("debug.enabled", "must be true or false")
+    enabled = _bool(raw, "debug.", "enabled", False)
     if not enabled:
         return DebugConfig()
     token = raw.get("token")
@@ -557,6 +688,8 @@ def _debug(raw: dict[str, Any]) -> DebugConfig:
     return DebugConfig(enabled=True, token=Secret(token))
 
 
+_EXTERNAL_ID = re.compile(r"[A-Za-z0-9._-]+")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME_RULE = f"must be at most {MAX_NAME_LENGTH} printable characters, no space at either end"
 
 
@@ -564,6 +697,13 @@ def _name(raw: Mapping[str, Any], prefix: str, key: str) -> str:
     value = _str(raw, prefix, key, None)
     if not is_valid_name(value):
         raise ConfigError(f"{prefix}{key}", _NAME_RULE)
+    return value
+
+
+def _bool(raw: Mapping[str, Any], prefix: str, key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{prefix}{key}", "must be true or false")
     return value
 
 

@@ -9,10 +9,13 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
         ├── URITooLong           414
         ├── HeadersTooLarge      431
         ├── Unauthorized         401 (debug endpoints)
+        │   └── InvalidApiKey    401 (a client key no user holds)
+        ├── Forbidden            403 (a model the user may not use)
         ├── NotFound             404
         ├── MethodNotAllowed     405
         ├── RequestTimeout       408 (head or body too slow; the connection closes)
         ├── StoreUnavailable     503 + Retry-After (session store down, slow or circuit open)
+        ├── TargetUnavailable    503 + Retry-After (a pinned target failed; its alias says "error")
         ├── UpstreamPoolExhausted  503 + Retry-After (no free upstream connection in time)
         ├── Overloaded           503 + Retry-After (past server.max_connections)
         └── UpstreamError
@@ -85,6 +88,16 @@ class Unauthorized(ProxyError):
     code = "unauthorized"
 
 
+class InvalidApiKey(Unauthorized):
+    code = "invalid_api_key"
+
+
+class Forbidden(ProxyError):
+    status_code = 403
+    error_type = "invalid_request_error"
+    code = "model_not_allowed"
+
+
 class NotFound(ProxyError):
     status_code = 404
     error_type = "invalid_request_error"
@@ -121,6 +134,12 @@ class UpstreamPoolExhausted(ProxyError):
 class Overloaded(ProxyError):
     status_code = 503
     code = "server_overloaded"
+    retry_after = True
+
+
+class TargetUnavailable(ProxyError):
+    status_code = 503
+    code = "target_unavailable"
     retry_after = True
 
 

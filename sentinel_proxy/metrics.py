@@ -45,6 +45,18 @@ class Metrics:
             ["provider"],
             registry=self.registry,
         )
+        self._failovers = Counter(
+            "sentinel_failovers",
+            "Requests moved to another target of their alias, by the provider that failed.",
+            ["provider"],
+            registry=self.registry,
+        )
+        self._ejections = Counter(
+            "sentinel_ejections",
+            "Targets left out of selection after failing in a row, by provider.",
+            ["provider"],
+            registry=self.registry,
+        )
         self._models: set[str] = set()
         # Labelled children, looked up once: `labels()` costs more than the increment.
         self._request_counters: dict[tuple[str, str, int], Any] = {}
@@ -78,6 +90,12 @@ class Metrics:
 
     def broken_stream(self, provider: str) -> None:
         self._broken_streams.labels(provider).inc()
+
+    def failover(self, provider: str) -> None:
+        self._failovers.labels(provider).inc()
+
+    def ejection(self, provider: str) -> None:
+        self._ejections.labels(provider).inc()
 
     def render(self) -> tuple[bytes, str]:
         return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -1,7 +1,8 @@
 """The proxy route: the one place that knows the whole flow of a request.
 
-read the request → find or create its session → route → rewrite → send upstream →
-relay the response back, with errors answered in the OpenAI shape."""
+read the request → authenticate its client → find or create its session → route →
+rewrite → send upstream (once more, elsewhere, if the target fails) → relay the response
+back, with errors answered in the OpenAI shape."""
 
 from __future__ import annotations
 
@@ -11,9 +12,16 @@ import os
 import time
 from typing import Any
 
-from sentinel_proxy.config import Config
+from sentinel_proxy.config import Config, User
 from sentinel_proxy.errors import send_error
-from sentinel_proxy.exceptions import InvalidRequest, ProxyError, StoreUnavailable
+from sentinel_proxy.exceptions import (
+    InvalidRequest,
+    ProxyError,
+    StoreUnavailable,
+    TargetUnavailable,
+    UpstreamError,
+)
+from sentinel_proxy.health import Health
 from sentinel_proxy.logs import access_log
 from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.relay import DisconnectWatcher, Receive, Send, relay
@@ -21,7 +29,8 @@ from sentinel_proxy.request import ClientDisconnected, InboundRequest, read_requ
 from sentinel_proxy.rewrite import Rewriter
 from sentinel_proxy.routing import Route, Router
 from sentinel_proxy.sessions import Session, SessionStore
-from sentinel_proxy.upstream import Upstream
+from sentinel_proxy.upstream import Upstream, UpstreamResponse
+from sentinel_proxy.users import Users
 
 logger = logging.getLogger("sentinel_proxy.proxy")
 
@@ -39,14 +48,17 @@ class Proxy:
         config: Config,
         *,
         router: Router,
+        health: Health,
         store: SessionStore,
         upstream: Upstream,
         metrics: Metrics,
     ) -> None:
         self._metrics = metrics
         self._router = router
+        self._health = health
         self._store = store
         self._upstream = upstream
+        self._users = Users(config)
         self._rewriter = Rewriter(config)
         self._max_body = config.upstream.max_body_bytes
         self._id_header = config.session.header.encode()
@@ -84,16 +96,21 @@ class Proxy:
         inbound = await read_request(
             scope, receive, max_body_bytes=self._max_body, id_header=self._id_header
         )
+        user = self._users.authenticate(inbound.authorization)
+        if user is not None:
+            fields["user"] = user.external_id
         fields["conversation_id"] = inbound.conversation_id
-        route, outcome = await self._route(inbound)
+        route, outcome, session = await self._route(inbound, user)
+        fields["session"] = outcome
+        if outcome == HIT and not self._router.healthy(route) and self._router.can_fail_over(route):
+            # Pinned to an ejected target: move now rather than try it.
+            route, session = await self._fail_over(route, session, fields)
         fields["provider"] = route.provider.name
         fields["model"] = route.model or inbound.model
-        fields["session"] = outcome
-        request = self._rewriter.build(inbound, route)
         watcher = DisconnectWatcher(receive, send, stall_seconds=self._stream_idle)
         try:
             sent = time.perf_counter()
-            response = await self._upstream.send(request)
+            response, route = await self._send(inbound, route, session, fields)
             waited = time.perf_counter() - sent
             fields["upstream_ms"] = round(waited * 1000, 2)
             self._metrics.upstream_latency(route.provider.name, waited)
@@ -127,27 +144,116 @@ class Proxy:
         finally:
             watcher.stop()
 
-    async def _route(self, inbound: InboundRequest) -> tuple[Route, str]:
+    async def _send(
+        self,
+        inbound: InboundRequest,
+        route: Route,
+        session: Session | None,
+        fields: dict[str, Any],
+    ) -> tuple[UpstreamResponse, Route]:
+        """Send to the route's target; if it fails before answering (an error, a 5xx) and
+        its alias fails over, once more to another target. At most two upstreams per
+        request, and never the same one twice."""
+        for retry in (False, True):
+            request = self._rewriter.build(inbound, route)
+            response: UpstreamResponse | None = None
+            try:
+                response = await self._upstream.send(request)
+            except UpstreamError as exc:
+                if route.alias is None:
+                    raise
+                error: ProxyError = exc
+            else:
+                if response.status_code < 500 or route.alias is None:
+                    if route.alias is not None:
+                        self._health.success(route.target)
+                    return response, route
+                error = UpstreamError(f"the upstream answered {response.status_code}")
+            if self._health.failure(route.target):
+                self._metrics.ejection(route.provider.name)
+                logger.warning(
+                    "target %s/%s ejected: %s", route.provider.name, route.model, error.message
+                )
+            if not retry and self._router.can_fail_over(route):
+                if response is not None:
+                    await response.aclose()
+                route, session = await self._fail_over(route, session, fields)
+                continue
+            if response is not None:
+                return response, route
+            raise error
+        raise AssertionError("unreachable")
+
+    async def _fail_over(
+        self, failed: Route, session: Session | None, fields: dict[str, Any]
+    ) -> tuple[Route, Session | None]:
+        """Another target of the failed route's alias, with the conversation re-pinned to
+        it; or 503 (the pin kept) when the alias says so."""
+        replacement = self._router.replacement(failed)
+        if replacement is None or not self._router.fails_over(failed):
+            raise TargetUnavailable(
+                f"The target {failed.provider.name}/{failed.model} is failing; retry shortly."
+            )
+        fields["failover"] = failed.provider.name
+        fields["provider"] = replacement.provider.name
+        fields["model"] = replacement.model
+        self._metrics.failover(failed.provider.name)
+        if session is not None:
+            moved = Session(
+                session.id,
+                replacement.provider.name,
+                replacement.model or "",
+                int(time.time()),
+                session.external_id,
+            )
+            session = await self._store.repin(session, moved)
+            pinned = self._router.pinned(session.provider, session.model, failed.alias)
+            replacement = pinned or replacement
+        logger.warning(
+            "failing over from %s/%s to %s/%s (request %s, conversation %s)",
+            failed.provider.name,
+            failed.model,
+            replacement.provider.name,
+            replacement.model,
+            fields["request_id"],
+            fields.get("conversation_id"),
+        )
+        return replacement, session
+
+    async def _route(
+        self, inbound: InboundRequest, user: User | None
+    ) -> tuple[Route, str, Session | None]:
         if inbound.payload is None:
-            return self._router.default, NONE
-        model = inbound.model
-        conversation_id = inbound.conversation_id
+            return self._router.default, NONE, None
+        requested = inbound.model
+        users = self._users
+        users.check_allowed(user, requested)
+        # Only generation endpoints read, renew or make a pin; the id is removed anyway.
+        conversation_id = inbound.conversation_id if inbound.generates else None
+        model = requested or (users.default_model(user) if inbound.generates else None)
         if conversation_id is None:
             if model is None and inbound.needs_model:
                 raise _model_required()
-            return self._router.select(model), NONE
+            users.check_allowed(user, model)
+            return self._router.select(model), NONE, None
+        external_id = user.external_id if user is not None else None
 
         def make() -> Session:
             # A follow-up needs no model (its pin supplies one); a first request does.
             if model is None:
                 raise _model_required()
+            users.check_allowed(user, model)
             route = self._router.select(model)
             return Session(
-                conversation_id, route.provider.name, route.model or model, int(time.time())
+                conversation_id,
+                route.provider.name,
+                route.model or model,
+                int(time.time()),
+                external_id,
             )
 
         try:
-            session, created = await self._store.get_or_create(conversation_id, None, make)
+            session, created = await self._store.get_or_create(conversation_id, external_id, make)
         except StoreUnavailable:
             if not self._fail_open or model is None:
                 raise
@@ -155,8 +261,9 @@ class Proxy:
                 "session store unavailable; routing conversation %s without stickiness",
                 conversation_id,
             )
-            return self._router.select(model), DEGRADED
-        pinned = self._router.pinned(session.provider, session.model)
+            users.check_allowed(user, model)
+            return self._router.select(model), DEGRADED, None
+        pinned = self._router.pinned(session.provider, session.model, model)
         assert pinned is not None  # the store only returns sessions the router accepts
         if created:
             logger.debug("session miss for conversation %s", session.id)
@@ -166,17 +273,17 @@ class Proxy:
                 session.provider,
                 session.model,
             )
-            return pinned, CREATED
+            return pinned, CREATED, session
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug("session hit for conversation %s", session.id)
-            if model != session.model:
+            if requested is not None and requested != session.model:
                 logger.debug(
                     "conversation %s asked for model %s; pinned to %s",
                     session.id,
-                    model,
+                    requested,
                     session.model,
                 )
-        return pinned, HIT
+        return pinned, HIT, session
 
 
 def _model_required() -> InvalidRequest:
@@ -189,6 +296,7 @@ def _outcome_headers(fields: dict[str, Any]) -> list[tuple[bytes, bytes]]:
         (b"x-sentinel-provider", "provider"),
         (b"x-sentinel-model", "model"),
         (b"x-sentinel-session", "session"),
+        (b"x-sentinel-failover", "failover"),
     ):
         value = fields.get(key)
         if value:

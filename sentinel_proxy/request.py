@@ -19,10 +19,10 @@ MAX_HEADER_BYTES = 64 * 1024
 BODY_FIELD = "conversation_id"
 _ID_KEY = b'"conversation_id"'
 _MODEL_KEY = b'"model"'
-# Endpoints that cannot be routed without a model: a request to them must name one.
-MODEL_PATHS = frozenset(
-    {b"/v1/chat/completions", b"/v1/completions", b"/v1/embeddings", b"/v1/responses"}
-)
+# Endpoints that generate: only their requests read, renew or make a conversation's pin.
+GENERATION_PATHS = frozenset({b"/v1/chat/completions", b"/v1/completions", b"/v1/responses"})
+# Endpoints that cannot be routed without a model.
+MODEL_PATHS = GENERATION_PATHS | {b"/v1/embeddings"}
 
 
 class ClientDisconnected(Exception):
@@ -46,9 +46,15 @@ class InboundRequest:
     model_member: Member | None = None
     id_member: Member | None = None
 
+    authorization: bytes | None = None
+
     @property
     def needs_model(self) -> bool:
         return self.raw_path.rstrip(b"/") in MODEL_PATHS
+
+    @property
+    def generates(self) -> bool:
+        return self.raw_path.rstrip(b"/") in GENERATION_PATHS
 
 
 async def read_request(
@@ -57,11 +63,14 @@ async def read_request(
     headers: list[tuple[bytes, bytes]] = scope["headers"]
     content_type = b""
     header_id: bytes | None = None
+    authorization: bytes | None = None
     encoded = False
     size = 0
     for name, value in headers:
         size += len(name) + len(value)
-        if name == b"content-length":
+        if name == b"authorization":
+            authorization = value
+        elif name == b"content-length":
             if value.isdigit() and int(value) > max_body_bytes:
                 raise _too_large(max_body_bytes)
         elif name == b"content-type":
@@ -84,6 +93,7 @@ async def read_request(
         payload=None,
         conversation_id=conversation_id,
         model=None,
+        authorization=authorization,
     )
     # The SDKs send an empty JSON body to the .../cancel endpoints: it goes as it came.
     if method == "POST" and not encoded and body.strip() and _is_json(content_type):

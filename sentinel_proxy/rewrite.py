@@ -31,6 +31,8 @@ HOP_BY_HOP = frozenset(
     }
 )
 _REQUEST_DROP = HOP_BY_HOP | {b"host", b"content-length", b"expect"}
+# Where clients put API keys: OpenAI's Authorization, Azure's api-key, Anthropic's x-api-key.
+CLIENT_CREDENTIALS = frozenset({b"authorization", b"api-key", b"x-api-key"})
 # Header names the proxy alone sets: never taken from a client or from an upstream.
 OWN_PREFIX = b"x-sentinel-"
 _PREFIX = b"/v1"
@@ -75,8 +77,10 @@ class Rewriter:
             for p in config.providers
             if p.api_key is not None
         }
+        # A client's credentials go only to a provider that opts in; one with a key of its
+        # own gets that key instead, the others none at all.
         self._drop = {
-            p.name: drop | {b"authorization"} if p.name in self._auth else drop
+            p.name: drop if p.forward_client_key else drop | CLIENT_CREDENTIALS
             for p in config.providers
         }
         self._host = {p.name: (b"host", _netloc(p.base_url)) for p in config.providers}

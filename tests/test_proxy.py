@@ -22,7 +22,7 @@ from sentinel_proxy.sessions import MemoryStore, Session, SessionStore
 from sentinel_proxy.sessions.base import Maker
 from tests.support.redis_server import RedisServer
 
-A = Provider("a", "http://a.test/v1")
+A = Provider("a", "http://a.test/v1", forward_client_key=True)
 B = Provider("b", "http://b.test/v1", api_key=Secret("sk-b-provider"))
 ALIAS = Alias("fast", (Target("a", "m-a"), Target("b", "m-b")))
 CHAT = {"id": "chatcmpl-1", "object": "chat.completion", "choices": []}

@@ -16,8 +16,9 @@ from sentinel_proxy.rewrite import Rewriter, filter_headers
 from sentinel_proxy.routing import Route
 
 KEYED = Provider("keyed", "https://api.example.test/v1", Secret("sk-provider"))
-OPEN = Provider("open", "http://127.0.0.1:9/base")
-CONFIG = Config(providers=(KEYED, OPEN))
+OPEN = Provider("open", "http://127.0.0.1:9/base", forward_client_key=True)
+KEYLESS = Provider("keyless", "http://127.0.0.1:9/local")
+CONFIG = Config(providers=(KEYED, OPEN, KEYLESS))
 
 
 def inbound(
@@ -226,3 +227,22 @@ def test_numbers_and_escapes_survive_a_model_rewrite() -> None:
         b'{"model": "m-b", "seed": 123456789012345678901234567890, '
         b'"temperature": 0.1000000000000000055511151231257827, "s": "caf\\u00e9\\/"}'
     )
+
+
+def test_client_credentials_go_only_to_a_provider_that_opts_in() -> None:
+    credentials = [
+        (b"authorization", b"Bearer sk-client"),
+        (b"api-key", b"azure-client"),
+        (b"x-api-key", b"anthropic-client"),
+        (b"x-other", b"kept"),
+    ]
+    rewriter = Rewriter(CONFIG)
+    opted_in = rewriter.build(inbound(b"{}", headers=credentials), Route(OPEN, None))
+    keyless = rewriter.build(inbound(b"{}", headers=credentials), Route(KEYLESS, None))
+    keyed = rewriter.build(inbound(b"{}", headers=credentials), Route(KEYED, None))
+    assert opted_in.headers["authorization"] == "Bearer sk-client"
+    assert opted_in.headers["x-api-key"] == "anthropic-client"
+    assert not {"authorization", "api-key", "x-api-key"} & set(keyless.headers)
+    assert keyless.headers["x-other"] == "kept"
+    assert keyed.headers.get_list("authorization") == ["Bearer sk-provider"]
+    assert not {"api-key", "x-api-key"} & set(keyed.headers)

@@ -85,6 +85,10 @@ class SessionStore(Protocol):
         returns, stored atomically: of concurrent first requests one session wins and
         every one gets it. Returns (session, created)."""
 
+    async def repin(self, failed: Session, replacement: Session) -> Session:
+        """Move a conversation pinned to `failed`'s target to `replacement`, atomically: if
+        another request moved it first, its pin wins and is returned. Renews the TTL."""
+
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
         """The stored session without renewing it (debug endpoint)."""
 

@@ -47,6 +47,17 @@ class MemoryStore:
             self._items.popitem(last=False)
         return candidate, True
 
+    async def repin(self, failed: Session, replacement: Session) -> Session:
+        key = failed.key
+        now = self._clock()
+        found = self._live(key, now)
+        if found is not None and (found.provider, found.model) != (failed.provider, failed.model):
+            self._items[key] = (found, now + self._ttl)
+            return found
+        self._items[key] = (replacement, now + self._ttl)
+        self._items.move_to_end(key)
+        return replacement
+
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
         return self._live(session_key(conversation_id, external_id), self._clock())
 

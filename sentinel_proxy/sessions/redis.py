@@ -37,6 +37,22 @@ redis.call('EXPIRE', KEYS[1], ARGV[3])
 return current
 """
 
+# Move a conversation off a failed target, unless another request already did: then the
+# pin it made wins and is returned. A session gone meanwhile is stored anew.
+_REPIN = """
+local current = redis.call('GET', KEYS[1])
+if current ~= false then
+  local ok, stored = pcall(cjson.decode, current)
+  if ok and type(stored) == 'table' and (stored.provider ~= ARGV[1] or stored.model ~= ARGV[2])
+  then
+    redis.call('EXPIRE', KEYS[1], ARGV[4])
+    return current
+  end
+end
+redis.call('SET', KEYS[1], ARGV[3], 'EX', ARGV[4])
+return ARGV[3]
+"""
+
 # A stored value may be replaced at most this often within one call before we give up.
 _ATTEMPTS = 3
 # While Redis keeps answering, a call may wait this many budgets for its own reply.
@@ -251,6 +267,9 @@ class RedisStore:
     ) -> tuple[Session, bool]:
         return await self._guarded(self._get_or_create, conversation_id, external_id, make)
 
+    async def repin(self, failed: Session, replacement: Session) -> Session:
+        return await self._guarded(self._repin, failed, replacement)
+
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
         key = session_key(conversation_id, external_id)
         raw = await self._guarded(self._redis.call, "GET", key)
@@ -301,6 +320,16 @@ class RedisStore:
                 return candidate, True
             raw = stored
         raise StoreUnavailable("the session store keeps returning unusable values")
+
+    async def _repin(self, failed: Session, replacement: Session) -> Session:
+        value = replacement.to_json()
+        stored = await self._redis.call(
+            "EVAL", _REPIN, 1, failed.key, failed.provider, failed.model, value, self._ttl
+        )
+        if stored == value:
+            return replacement
+        found = decode_session(stored, failed.id, failed.external_id)
+        return found if found is not None and self._accept(found) else replacement
 
     async def _guarded(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
         """`work(*args)` under the breaker and the deadline, Redis errors made ours."""

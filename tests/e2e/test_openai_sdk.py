@@ -34,8 +34,9 @@ def stub_config(base_url: str, extra: str = "") -> str:
 
 @pytest.fixture
 def proxy(start_proxy: StartProxy, upstream: UpstreamStub) -> ProxyProcess:
-    """The proxy with one provider, ``stub``, and the in-memory session store."""
-    return start_proxy(stub_config(upstream.base_url))
+    """The proxy with one provider, ``stub``, that takes the client's own key, and the
+    in-memory session store."""
+    return start_proxy(stub_config(upstream.base_url, "forward_client_key = true\n"))
 
 
 def http_client() -> httpx.Client:

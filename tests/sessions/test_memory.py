@@ -65,3 +65,12 @@ async def test_delete_and_external_ids_are_separate() -> None:
     assert await store.get("c", "u1") is not None
     assert await store.delete("c", "u1")
     assert not await store.delete("c", "u1")
+
+
+async def test_repin_keeps_the_first_move() -> None:
+    store = MemoryStore(ttl_seconds=60, max_sessions=10)
+    pinned, _ = await get_or_create(store, session("c", "a"))
+    first = await store.repin(pinned, session("c", "b"))
+    second = await store.repin(pinned, session("c", "c"))
+    assert first == second and first.provider == "b"
+    assert (await store.get("c")) == first

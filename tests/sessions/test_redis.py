@@ -484,3 +484,25 @@ async def test_a_url_that_asks_for_decoded_replies_still_gets_bytes(
         await store.aclose()
     assert (replaced.provider, replaced_new) == ("b", True)
     assert (found.provider, found_new) == ("b", False)
+
+
+async def test_repin_moves_a_conversation_once_when_two_fail_over_at_once(
+    store: RedisStore, redis_server: RedisServer
+) -> None:
+    pinned, _ = await get_or_create(store, session("c1", "a", "m-a"))
+    results = await asyncio.gather(
+        store.repin(pinned, session("c1", "b", "m-b")),
+        store.repin(pinned, session("c1", "c", "m-c")),
+    )
+    assert results[0] == results[1]
+    assert (results[0].provider, results[0].model) == ("b", "m-b")
+    with redis_server.client() as redis:
+        stored = orjson.loads(redis.get("sentinel:session:c1"))
+        assert (stored["provider"], stored["model"]) == ("b", "m-b")
+        assert 0 < redis.ttl("sentinel:session:c1") <= 100
+
+
+async def test_repin_of_a_vanished_session_stores_the_replacement(store: RedisStore) -> None:
+    replacement = session("gone", "b", "m-b")
+    assert await store.repin(session("gone", "a", "m-a"), replacement) == replacement
+    assert await store.get("gone") == replacement
