@@ -21,7 +21,7 @@ from sentinel_proxy.exceptions import (
     TargetUnavailable,
     UpstreamError,
 )
-from sentinel_proxy.health import Health
+from sentinel_proxy.health import Health, is_target_failure
 from sentinel_proxy.logs import access_log
 from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.relay import DisconnectWatcher, Receive, Send, relay
@@ -164,7 +164,7 @@ class Proxy:
                     raise
                 error: ProxyError = exc
             else:
-                if response.status_code < 500 or route.alias is None:
+                if route.alias is None or not is_target_failure(status=response.status_code):
                     if route.alias is not None:
                         self._health.success(route.target)
                     return response, route

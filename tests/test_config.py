@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import resource
 from pathlib import Path
 
@@ -292,9 +293,14 @@ def test_memory_store_refuses_several_workers() -> None:
 
 def test_the_example_config_loads() -> None:
     path = Path(__file__).parent.parent / "config" / "sentinel.example.toml"
-    config = load_config(str(path), env={"OPENAI_API_KEY": "sk-x"})
+    config = load_config(str(path), env={"OPENAI_API_KEY": "sk-x", "LOCAL_API_KEY": "k"})
     assert [p.name for p in config.providers] == ["openai", "local"]
     assert config.aliases["fast"].targets[0].weight == 3
+    assert config.routing.default_model == "fast"
+    team_a, team_b = config.users
+    # The keys the comments name are the keys the hashes are of.
+    assert team_a.key_sha256 == hashlib.sha256(b"sk-team-a-example").digest()
+    assert team_b.key_sha256 == hashlib.sha256(b"sk-team-b-example").digest()
 
 
 def test_client_connection_limits(tmp_path: Path) -> None:
@@ -327,3 +333,120 @@ def test_a_connection_cap_beyond_the_file_limit_is_refused(tmp_path: Path) -> No
         load_config(write(tmp_path, f"[server]\nmax_connections = {most + 1}"), env={})
     assert info.value.key == "server.max_connections"
     assert f"hard limit of {hard}" in str(info.value)
+
+
+USERS = """
+[routing]
+default_model = "fast"
+
+[[providers]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+
+[models.fast]
+targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+[models.smart]
+targets = [{ provider = "openai", model = "gpt-4o" }]
+on_target_failure = "error"
+
+[[users]]
+external_id = "team-a"
+key_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
+tier = "smart"
+models = ["smart", "gpt-4o"]
+
+[[users]]
+external_id = "team.b_2"
+key_sha256 = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
+"""
+
+
+def test_users_tiers_and_routing(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, USERS), env={"OPENAI_API_KEY": "k"})
+    team_a, team_b = config.users
+    assert team_a.external_id == "team-a" and team_a.tier == "smart"
+    assert team_a.key_sha256 == bytes.fromhex(
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    )
+    assert team_a.models == frozenset({"smart", "gpt-4o"})
+    assert (team_b.tier, team_b.models) == (None, None)
+    assert config.routing.default_model == "fast"
+    assert config.aliases["smart"].on_target_failure == "error"
+    assert config.aliases["fast"].on_target_failure == "reselect"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (("team-a", "team:a"), "users[0].external_id", "never ':'"),
+        (('tier = "smart"', 'tier = "fastest"'), "users[0].tier", "no alias"),
+        (('tier = "smart"', 'tier = "fast"'), "users[0].tier", "not among"),
+        (("9F86D081884C", "XF86D081884C"), "users[0].key_sha256", "64 hex"),
+        (
+            (
+                "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752",
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            ),
+            "users[1].key_sha256",
+            "another user",
+        ),
+        (("team.b_2", "team-a"), "users[1].external_id", "twice"),
+        (('default_model = "fast"', 'default_model = "gpt-4o"'), "routing.default_model", "alias"),
+        (('api_key_env = "OPENAI_API_KEY"', ""), "providers[0].api_key_env", "its own key"),
+        (('"smart", "gpt-4o"]', '"smart", ""]'), "users[0].models", "model names"),
+    ],
+)
+def test_bad_users_and_routing_name_the_key(
+    tmp_path: Path, change: tuple[str, str], key: str, words: str
+) -> None:
+    text = USERS.replace(*change)
+    assert text != USERS
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"OPENAI_API_KEY": "k"})
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\ntargets = [{provider = "a", model = "m", weight = 0}]',
+            "models.f.targets",
+            "weight 0",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\ntargets = [{provider = "a", model = "m"}, {provider = "a", model = "m"}]',
+            "models.f.targets[1].model",
+            "twice",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\non_target_failure = "retry"\ntargets = [{provider = "a", model = "m"}]',
+            "models.f.on_target_failure",
+            "reselect",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\napi_key_env = "K"\n'
+            "forward_client_key = true",
+            "providers[0].forward_client_key",
+            "choose one",
+        ),
+    ],
+)
+def test_bad_aliases_and_providers_name_the_key(
+    tmp_path: Path, text: str, key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"K": "k"})
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_a_client_key_goes_on_only_where_a_provider_opts_in(tmp_path: Path) -> None:
+    assert load_config(None, env={}).providers[0].forward_client_key
+    text = '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+    assert not load_config(write(tmp_path, text), env={}).providers[0].forward_client_key
