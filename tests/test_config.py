@@ -64,7 +64,11 @@ def test_defaults_without_any_config() -> None:
 def test_full_file(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL), env={"OPENAI_API_KEY": "sk-secret"})
     assert config.server.port == 9000
-    assert config.session.header == "x-conv"
+    # The older `header` key: the body field, then this header in place of x-conversation-id.
+    assert [s.label for s in config.session.id_sources] == [
+        "body:conversation_id",
+        "header:x-conv",
+    ]
     assert config.session.ttl_seconds == 600
     assert config.providers[0].base_url == "https://api.openai.com/v1"
     assert config.providers[0].api_key == Secret("sk-secret")
@@ -450,3 +454,74 @@ def test_a_client_key_goes_on_only_where_a_provider_opts_in(tmp_path: Path) -> N
     assert load_config(None, env={}).providers[0].forward_client_key
     text = '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
     assert not load_config(write(tmp_path, text), env={}).providers[0].forward_client_key
+
+
+def test_id_sources_in_order_and_which_are_the_proxy_s_own(tmp_path: Path) -> None:
+    text = (
+        '[session]\nid_sources = ["header:X-Session-Id", "body:conversation_id", '
+        '"header:x-conversation-id", "body:prompt_cache_key", "body:user"]\n'
+        'implicit_key_env = "HASH_KEY"\n'
+    )
+    session = load_config(write(tmp_path, text), env={"HASH_KEY": "h" * 16}).session
+    assert [(s.label, s.owned) for s in session.id_sources] == [
+        ("header:x-session-id", False),
+        ("body:conversation_id", True),
+        ("header:x-conversation-id", True),
+        ("body:prompt_cache_key", False),
+        ("body:user", False),
+    ]
+    assert session.hash_key == Secret("h" * 16)
+    defaults = load_config(None, env={}).session
+    assert [s.label for s in defaults.id_sources] == [
+        "body:conversation_id",
+        "header:x-conversation-id",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key", "words"),
+    [
+        (
+            '[session]\nheader = "x-conv"\nid_sources = ["header:x-conv"]',
+            {},
+            "session.header",
+            "id_sources says it",
+        ),
+        ('[session]\nid_sources = ["body:messages"]', {}, "session.id_sources[0]", "body:"),
+        ('[session]\nid_sources = ["cookie:sid"]', {}, "session.id_sources[0]", "header:"),
+        ('[session]\nid_sources = ["header:authorization"]', {}, "session.id_sources[0]", "else"),
+        (
+            '[session]\nid_sources = ["body:user", "body:user"]',
+            {},
+            "session.id_sources[1]",
+            "twice",
+        ),
+        ("[session]\nid_sources = []", {}, "session.id_sources", "non-empty"),
+        ('[session]\nimplicit_key_env = "K"', {"K": "short"}, "session.implicit_key_env", "16"),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\nimplicit_sessions = true\ntargets = [{provider = "a", model = "m"}]',
+            {},
+            "models.f.implicit_sessions",
+            "implicit_key_env",
+        ),
+    ],
+)
+def test_bad_id_sources_and_keys_name_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert info.value.key == key
+    assert words in str(info.value)
+    assert "short" not in str(info.value)
+
+
+def test_prompt_cache_is_on_by_default_for_openai_only(tmp_path: Path) -> None:
+    text = (
+        '[[providers]]\nname = "openai"\nbase_url = "https://api.openai.com/v1"\n'
+        '[[providers]]\nname = "local"\nbase_url = "http://127.0.0.1:11434/v1"\n'
+        '[[providers]]\nname = "vllm"\nbase_url = "http://10.0.0.9/v1"\nprompt_cache = true\n'
+    )
+    providers = load_config(write(tmp_path, text), env={}).providers
+    assert [p.prompt_cache for p in providers] == [True, False, True]

@@ -18,9 +18,11 @@ from sentinel_proxy.config import (
     Provider,
     RoutingConfig,
     Secret,
+    SessionConfig,
     Target,
     User,
 )
+from sentinel_proxy.identity import Identity
 from sentinel_proxy.routing import Router
 from sentinel_proxy.sessions import MemoryStore, Session, SessionStore
 
@@ -280,3 +282,31 @@ async def test_a_request_naming_no_model_goes_by_the_default_tier_or_is_400() ->
     )
     assert refused.status_code == 400
     assert refused.json()["error"]["message"] == "model field is required"
+
+
+async def test_a_re_pinned_implicit_session_stays_implicit() -> None:
+    mock = respx.MockRouter(assert_all_called=False)
+    to_a = chat(mock, "a.test")
+    chat(mock, "b.test")
+    implicit = Alias("fast", ALIASES["fast"].targets, implicit_sessions=True)
+    cfg = config(
+        aliases={**ALIASES, "fast": implicit},
+        session=SessionConfig(hash_key=Secret("k" * 32)),
+    )
+    store = MemoryStore(ttl_seconds=60, max_sessions=10)
+    body = {"model": "fast", "messages": [{"role": "user", "content": "hi"}]}
+    implicit_id = Identity(b"k" * 32).implicit_id(None, body)
+    assert implicit_id is not None
+    async with serve(cfg, mock, store) as client:
+        first = await client.post("/v1/chat/completions", json=body)
+        before = await store.get(implicit_id)
+        to_a.mock(side_effect=httpx.ConnectError("refused"))
+        moved = await client.post("/v1/chat/completions", json=body)
+        after = await store.get(implicit_id)
+        stored = len(store)
+    assert first.headers["x-sentinel-session-source"] == "implicit"
+    assert first.headers["x-sentinel-session"] == "created"
+    assert moved.headers["x-sentinel-session-source"] == "implicit"
+    assert moved.headers["x-sentinel-failover"] == "a"
+    assert before is not None and before.provider == "a"
+    assert after is not None and after.provider == "b" and stored == 1
