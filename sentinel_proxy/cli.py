@@ -43,6 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format", choices=("text", "json"), help="log line format (default text)"
     )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve two built-in demo providers, demo-a and demo-b, behind the alias 'demo': "
+        "no network, no key; the configuration file may set anything but providers and models",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -57,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log_format": args.log_format,
     }
     try:
-        config = load_config(args.config, env=os.environ, overrides=overrides)
+        config = load_config(args.config, env=os.environ, overrides=overrides, demo=args.demo)
     except ConfigError as exc:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2

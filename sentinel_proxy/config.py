@@ -53,6 +53,11 @@ MAX_SECONDS = 7 * 86_400
 MAX_WORKERS = 256
 # Provider and model names travel in response headers, metric labels and log lines.
 MAX_NAME_LENGTH = 256
+# --demo: providers on a reserved domain (RFC 2606: `.invalid` never resolves), answered by
+# the in-process demo upstream (demo.py), behind one alias of equal weights.
+DEMO_DOMAIN = "sentinel.invalid"
+DEMO_ALIAS = "demo"
+DEMO_TARGETS = (("demo-a", "demo-small"), ("demo-b", "demo-large"))
 # Headers that mean something else to HTTP or to the proxy: never a conversation id.
 _RESERVED_HEADERS = frozenset(
     {
@@ -191,6 +196,8 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     debug: DebugConfig = DebugConfig()
     source: str = "defaults"
+    # Loaded for --demo: providers and aliases are the built-in demo ones.
+    demo: bool = False
 
     def provider(self, name: str) -> Provider | None:
         for provider in self.providers:
@@ -204,15 +211,20 @@ def load_config(
     *,
     env: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
+    demo: bool = False,
 ) -> Config:
-    """Build the configuration, or raise ConfigError naming the offending key."""
+    """Build the configuration, or raise ConfigError naming the offending key. With `demo`,
+    the providers and aliases are the built-in demo ones and the file may name none."""
     path = path or env.get("SENTINEL_CONFIG") or None
     raw = _read_toml(path) if path else {}
     _only(raw, "", {"server", "session", "upstream", "providers", "models", "debug"})
     server = _server(_table(raw, "server"), env, overrides or {})
     session = _session(_table(raw, "session"), env)
-    providers = _providers(raw.get("providers"), env)
-    aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
+    if demo:
+        providers, aliases = _demo_routing(raw)
+    else:
+        providers = _providers(raw.get("providers"), env)
+        aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
     config = Config(
         providers=providers,
         aliases=aliases,
@@ -221,6 +233,7 @@ def load_config(
         upstream=_upstream(_table(raw, "upstream")),
         debug=_debug(_table(raw, "debug")),
         source=path or "defaults",
+        demo=demo,
     )
     if session.redis_url is None and server.workers > 1:
         raise ConfigError(
@@ -426,6 +439,21 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
         base_url = _base_url(f"{prefix}base_url", _str(item, prefix, "base_url", None))
         providers.append(Provider(name=name, base_url=base_url, api_key=api_key))
     return tuple(providers)
+
+
+def _demo_routing(raw: Mapping[str, Any]) -> tuple[tuple[Provider, ...], dict[str, Alias]]:
+    for key, table in (("providers", "[[providers]]"), ("models", "[models]")):
+        if key in raw:
+            # Refused rather than merged: which provider came first would be a guess. A file
+            # that wants both names the demo providers' base URLs itself.
+            raise ConfigError(
+                key,
+                f"--demo brings its own providers and the alias {DEMO_ALIAS!r}: remove "
+                f"{table} from the file, or start without --demo",
+            )
+    providers = tuple(Provider(name, f"http://{name}.{DEMO_DOMAIN}/v1") for name, _ in DEMO_TARGETS)
+    targets = tuple(Target(provider, model) for provider, model in DEMO_TARGETS)
+    return providers, {DEMO_ALIAS: Alias(DEMO_ALIAS, targets)}
 
 
 def _base_url(key: str, url: str) -> str:
