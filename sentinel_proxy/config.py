@@ -122,6 +122,8 @@ class Provider:
     base_url: str
     # None: the client's own Authorization header goes upstream as it came.
     api_key: Secret | None = None
+    # The variable the key was read from: what check-config shows instead of the key.
+    api_key_env: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -421,7 +423,7 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
         name = _name(item, prefix, "name")
         if any(p.name == name for p in providers):
             raise ConfigError(f"{prefix}name", f"provider {name!r} is defined twice")
-        api_key = None
+        api_key = variable = None
         if "api_key_env" in item:
             variable = _str(item, prefix, "api_key_env", None)
             if not env.get(variable):
@@ -437,7 +439,9 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
                 )
             api_key = Secret(key)
         base_url = _base_url(f"{prefix}base_url", _str(item, prefix, "base_url", None))
-        providers.append(Provider(name=name, base_url=base_url, api_key=api_key))
+        providers.append(
+            Provider(name=name, base_url=base_url, api_key=api_key, api_key_env=variable)
+        )
     return tuple(providers)
 
 
