@@ -12,6 +12,8 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sentinel_proxy.config import UpstreamConfig, load_config
 from sentinel_proxy.demo import DEFAULT_DIMENSIONS, DemoTransport, is_demo_url
@@ -368,3 +370,33 @@ async def test_errors_have_the_openai_shape(
     assert set(error) == {"message", "type", "param", "code"}
     assert error["message"] and error["type"] == "invalid_request_error"
     assert (error["param"], error["code"]) == (param, code)
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**63), max_value=2**64 - 1)
+    | st.floats(allow_nan=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+_FIELDS = st.sampled_from(
+    ["model", "messages", "stream", "stream_options", "input", "dimensions", "encoding_format"]
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    path=st.sampled_from(["/chat/completions", "/embeddings"]),
+    body=st.dictionaries(_FIELDS, _JSON_VALUES | st.just([{"role": "user", "content": "x"}])),
+)
+async def test_any_json_body_gets_an_answer_or_an_openai_error(
+    path: str, body: dict[str, Any]
+) -> None:
+    response = await post(demo_upstream(), path, body)
+    chunks = await read(response)
+    if response.status_code == 200:
+        return
+    assert response.status_code == 400
+    assert set(orjson.loads(b"".join(chunks))["error"]) == {"message", "type", "param", "code"}
