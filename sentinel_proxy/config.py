@@ -62,6 +62,11 @@ MAX_SECONDS = 7 * 86_400
 MAX_WORKERS = 256
 # Provider and model names travel in response headers, metric labels and log lines.
 MAX_NAME_LENGTH = 256
+# --demo: providers on a reserved domain (RFC 2606: `.invalid` never resolves), answered by
+# the in-process demo upstream (demo.py), behind one alias of equal weights.
+DEMO_DOMAIN = "sentinel.invalid"
+DEMO_ALIAS = "demo"
+DEMO_TARGETS = (("demo-a", "demo-small"), ("demo-b", "demo-large"))
 # Headers that mean something else to HTTP or to the proxy: never a conversation id.
 _RESERVED_HEADERS = frozenset(
     {
@@ -152,6 +157,8 @@ class Provider:
     forward_client_key: bool = False
     # Send a prompt_cache_key derived from the session when the client sent none.
     prompt_cache: bool = False
+    # The variable the key was read from: what check-config shows instead of the key.
+    api_key_env: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,6 +262,8 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     debug: DebugConfig = DebugConfig()
     source: str = "defaults"
+    # Loaded for --demo: providers and aliases are the built-in demo ones.
+    demo: bool = False
 
     def provider(self, name: str) -> Provider | None:
         for provider in self.providers:
@@ -268,8 +277,10 @@ def load_config(
     *,
     env: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
+    demo: bool = False,
 ) -> Config:
-    """Build the configuration, or raise ConfigError naming the offending key."""
+    """Build the configuration, or raise ConfigError naming the offending key. With `demo`,
+    the providers and aliases are the built-in demo ones and the file may name none."""
     path = path or env.get("SENTINEL_CONFIG") or None
     raw = _read_toml(path) if path else {}
     _only(
@@ -279,8 +290,11 @@ def load_config(
     )
     server = _server(_table(raw, "server"), env, overrides or {})
     session = _session(_table(raw, "session"), env)
-    providers = _providers(raw.get("providers"), env)
-    aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
+    if demo:
+        providers, aliases = _demo_routing(raw)
+    else:
+        providers = _providers(raw.get("providers"), env)
+        aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
     routing = _routing(_table(raw, "routing"), aliases)
     users = _users(raw.get("users"), aliases, providers)
     config = Config(
@@ -293,6 +307,7 @@ def load_config(
         upstream=_upstream(_table(raw, "upstream")),
         debug=_debug(_table(raw, "debug")),
         source=path or "defaults",
+        demo=demo,
     )
     implicit = [name for name, alias in aliases.items() if alias.implicit_sessions]
     if implicit and session.hash_key is None:
@@ -554,7 +569,7 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
         name = _name(item, prefix, "name")
         if any(p.name == name for p in providers):
             raise ConfigError(f"{prefix}name", f"provider {name!r} is defined twice")
-        api_key = None
+        api_key = variable = None
         if "api_key_env" in item:
             variable = _str(item, prefix, "api_key_env", None)
             if not env.get(variable):
@@ -584,9 +599,25 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
                 api_key=api_key,
                 forward_client_key=forward,
                 prompt_cache=_bool(item, prefix, "prompt_cache", openai),
+                api_key_env=variable,
             )
         )
     return tuple(providers)
+
+
+def _demo_routing(raw: Mapping[str, Any]) -> tuple[tuple[Provider, ...], dict[str, Alias]]:
+    for key, table in (("providers", "[[providers]]"), ("models", "[models]")):
+        if key in raw:
+            # Refused rather than merged: which provider came first would be a guess. A file
+            # that wants both names the demo providers' base URLs itself.
+            raise ConfigError(
+                key,
+                f"--demo brings its own providers and the alias {DEMO_ALIAS!r}: remove "
+                f"{table} from the file, or start without --demo",
+            )
+    providers = tuple(Provider(name, f"http://{name}.{DEMO_DOMAIN}/v1") for name, _ in DEMO_TARGETS)
+    targets = tuple(Target(provider, model) for provider, model in DEMO_TARGETS)
+    return providers, {DEMO_ALIAS: Alias(DEMO_ALIAS, targets)}
 
 
 def _base_url(key: str, url: str) -> str:
@@ -725,8 +756,10 @@ def _users(
                 raise ConfigError(f"{prefix}key_sha256", "is another user's key")
         users.append(User(external_id, bytes.fromhex(digest), tier, models))
     for index, provider in enumerate(providers):
-        # Authenticated clients' keys are the proxy's business, never an upstream's.
-        if provider.api_key is None:
+        # Authenticated clients' keys are the proxy's business, never an upstream's. The
+        # demo upstream runs in this process and needs no key.
+        demo = (urlsplit(provider.base_url).hostname or "").endswith("." + DEMO_DOMAIN)
+        if provider.api_key is None and not demo:
             raise ConfigError(
                 f"providers[{index}].api_key_env",
                 f"provider {provider.name!r} needs its own key when [[users]] are configured",
