@@ -15,6 +15,7 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
         ├── StoreUnavailable     503 + Retry-After (session store down, slow or circuit open)
         ├── UpstreamPoolExhausted  503 + Retry-After (no free upstream connection in time)
         ├── Overloaded           503 + Retry-After (past server.max_connections)
+        ├── ConfigurationChanged 503 + Retry-After (a reload changed the providers under it)
         └── UpstreamError
             ├── UpstreamUnavailable  502 (refused, reset or broken before the response)
             ├── UpstreamBadResponse  502 (not valid HTTP: status, malformed headers)
@@ -121,6 +122,12 @@ class UpstreamPoolExhausted(ProxyError):
 class Overloaded(ProxyError):
     status_code = 503
     code = "server_overloaded"
+    retry_after = True
+
+
+class ConfigurationChanged(ProxyError):
+    status_code = 503
+    code = "configuration_changed"
     retry_after = True
 
 

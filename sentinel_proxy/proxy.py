@@ -13,7 +13,12 @@ from typing import Any
 
 from sentinel_proxy.config import Config
 from sentinel_proxy.errors import send_error
-from sentinel_proxy.exceptions import InvalidRequest, ProxyError, StoreUnavailable
+from sentinel_proxy.exceptions import (
+    ConfigurationChanged,
+    InvalidRequest,
+    ProxyError,
+    StoreUnavailable,
+)
 from sentinel_proxy.logs import access_log
 from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.relay import DisconnectWatcher, Receive, Send, relay
@@ -157,7 +162,10 @@ class Proxy:
             )
             return self._router.select(model), DEGRADED
         pinned = self._router.pinned(session.provider, session.model)
-        assert pinned is not None  # the store only returns sessions the router accepts
+        if pinned is None:
+            # The store accepts what the current configuration serves: pinned, by a request
+            # after a reload, to a provider this request's older configuration lacks.
+            raise ConfigurationChanged("The configuration changed during this request; retry it.")
         if created:
             logger.debug("session miss for conversation %s", session.id)
             logger.info(
