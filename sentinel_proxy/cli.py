@@ -5,6 +5,7 @@ configuration)."""
 from __future__ import annotations
 
 import argparse
+import functools
 import logging.config
 import os
 import sys
@@ -56,8 +57,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "log_level": args.log_level,
         "log_format": args.log_format,
     }
+    # SIGHUP reads the configuration again as here: the same file, environment and flags.
+    load = functools.partial(load_config, args.config, env=os.environ, overrides=overrides)
     try:
-        config = load_config(args.config, env=os.environ, overrides=overrides)
+        config = load()
     except ConfigError as exc:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -65,9 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_file_limit(file_descriptors(config))
     options = uvicorn_options(config)
     if config.server.workers == 1:
-        return serve(config, options)
+        return serve(config, options, load=load)
     logging.config.dictConfig(options["log_config"])
-    return run_workers(config, uvicorn_options)
+    return run_workers(config, uvicorn_options, load)
 
 
 def uvicorn_options(config: Config) -> dict[str, Any]:
