@@ -195,7 +195,8 @@ class Supervisor:
         try:
             for slot in self._slots:
                 self._start(slot)
-            while any(slot.process is not None for slot in self._slots):
+            # Until no worker runs or waits for its restart (_stop cancels restarts).
+            while any(s.process is not None or s.restart_at is not None for s in self._slots):
                 self._turn(wakeup_read)
         finally:
             signal.set_wakeup_fd(previous_wakeup)
