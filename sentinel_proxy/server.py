@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import pickle
 import signal
 import socket
 from collections.abc import Callable, Collection, Generator
@@ -170,7 +171,7 @@ def _follow(updates: Connection, app: Gateway) -> None:
     def receive() -> None:
         try:
             while updates.poll():
-                app.reload(updates.recv())
+                app.reload(pickle.loads(updates.recv_bytes()))
         except EOFError:  # the supervisor is gone; PR_SET_PDEATHSIG stops this worker
             loop.remove_reader(updates.fileno())
 

@@ -37,6 +37,7 @@ import fcntl
 import logging
 import multiprocessing
 import os
+import pickle
 import signal
 import socket
 import struct
@@ -62,9 +63,8 @@ RESTART_DELAY_SECONDS = 0.5
 RESTART_DELAY_MAX_SECONDS = 30.0
 # This many quick failures in a row in one slot, and the supervisor gives up.
 MAX_QUICK_FAILURES = 5
-# Room in each worker's update pipe, so that sending a large configuration (many users)
-# does not wait for a worker that is still starting and not yet reading.
-UPDATE_PIPE_BYTES = 1 << 20
+# A pipe's room unless the supervisor asks for more (Linux's default).
+_PIPE_BYTES = 64 * 1024
 # Signals for the workers' processes to ignore: the supervisor speaks for them.
 _WORKER_IGNORED = (signal.SIGINT, signal.SIGHUP)
 
@@ -236,8 +236,6 @@ class Supervisor:
         slot.restart_at = None
         reader, writer = self._context.Pipe(duplex=False)
         updates_reader, updates = self._context.Pipe(duplex=False)
-        with contextlib.suppress(OSError):  # past the system's limit: 64 KiB it is
-            fcntl.fcntl(updates.fileno(), fcntl.F_SETPIPE_SZ, UPDATE_PIPE_BYTES)
         process = self._context.Process(
             target=_work,
             args=(self.config, self._options, slot.sock, writer, os.getpid(), updates_reader),
@@ -319,12 +317,20 @@ class Supervisor:
         if config is None:
             return
         self.config = config
+        data = pickle.dumps(config)
+        # Room for it and one more (where the system allows), so that the send does not
+        # wait for a worker that is still starting and reads nothing yet.
+        room = 2 * len(data) + 64
         for slot in self._slots:
-            if slot.updates is not None:
-                try:
-                    slot.updates.send(config)
-                except OSError:  # it is exiting; its replacement starts with self.config
-                    pass
+            if slot.updates is None:
+                continue
+            try:
+                if room > _PIPE_BYTES:
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(slot.updates.fileno(), fcntl.F_SETPIPE_SZ, room)
+                slot.updates.send_bytes(data)
+            except OSError:  # it is exiting; its replacement starts with self.config
+                pass
 
     def _on_signal(self) -> None:
         if self._stopping:
