@@ -1,5 +1,10 @@
 """ASGI wiring: the proxy route on raw ASGI, operational endpoints on Starlette, and the
-lifespan that owns the upstream transport and the session store."""
+lifespan that owns the upstream transport and the session store.
+
+What a configuration decides per request (the router, the rewriter, timeouts: the `Proxy`)
+is built from it and reached through one reference; a reload builds a new one and swaps
+that reference. A request holds the Proxy it started with, so it finishes on the old
+configuration. The store and the upstream connections outlive reloads: pins stay pinned."""
 
 from __future__ import annotations
 
@@ -40,6 +45,7 @@ from sentinel_proxy.sessions import (
     Session,
     SessionStore,
 )
+from sentinel_proxy.sessions.base import Acceptor
 from sentinel_proxy.upstream import Upstream
 
 logger = logging.getLogger("sentinel_proxy")
@@ -48,15 +54,12 @@ logger = logging.getLogger("sentinel_proxy")
 # collections cost throughput (bench/RESULTS.md).
 GC_THRESHOLDS = (20_000, 20, 20)
 
-StoreFactory = Callable[[Config, Router], SessionStore]
+# `accept` says whether a stored session can still be served by the current configuration.
+StoreFactory = Callable[[Config, Acceptor], SessionStore]
 
 
-def create_store(config: Config, router: Router) -> SessionStore:
+def create_store(config: Config, accept: Acceptor) -> SessionStore:
     settings = config.session
-
-    def accept(session: Session) -> bool:
-        return router.pinned(session.provider, session.model) is not None
-
     if settings.redis_url is None:
         return MemoryStore(
             ttl_seconds=settings.ttl_seconds,
@@ -76,12 +79,17 @@ def create_store(config: Config, router: Router) -> SessionStore:
 
 
 class _Runtime:
-    """What the lifespan builds and the routes use."""
+    """What the lifespan builds and the routes use: the current configuration, what is
+    built from it, and what outlives reloads (store, upstream connections, metrics)."""
 
-    proxy: Proxy | None = None
-    store: SessionStore | None = None
-    # Set by the first stop signal (server.py): readiness fails and connections close.
-    draining = False
+    def __init__(self, config: Config, router: Router) -> None:
+        self.config = config
+        self.router = router
+        self.proxy: Proxy | None = None
+        self.store: SessionStore | None = None
+        self.upstream: Upstream | None = None
+        # Set by the first stop signal (server.py): readiness fails and connections close.
+        self.draining = False
 
 
 def create_app(
@@ -91,22 +99,25 @@ def create_app(
     store_factory: StoreFactory = create_store,
     rand: Callable[[], float] = random.random,
 ) -> Gateway:
-    runtime = _Runtime()
-    health = Health(
-        threshold=config.routing.eject_after_failures, cooldown=config.routing.eject_seconds
-    )
-    router = Router(config, health=health, rand=rand)
+    runtime = _Runtime(config, Router(config, rand=rand))
     metrics = Metrics()
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = store_factory(config, router)
-        upstream = Upstream(config.upstream, transport=transport, providers=config.providers)
-        try:
-            if not await store.ping():
-                logger.warning("the session store does not answer yet; /readyz reports it")
-            runtime.store = store
-            runtime.proxy = Proxy(
+    def accept(session: Session) -> bool:
+        # The current router, not the one of the start: a reload may have removed the
+        # provider, and such a session is replaced as one of an unknown provider.
+        return runtime.router.pinned(session.provider, session.model) is not None
+
+    def apply(config: Config) -> None:
+        health = Health(
+            threshold=config.routing.eject_after_failures, cooldown=config.routing.eject_seconds
+        )
+        router = Router(config, health=health, rand=rand)
+        store, upstream = runtime.store, runtime.upstream
+        if store is not None and upstream is not None:
+            # Same transport, so the same connections; new timeouts.
+            upstream = upstream.reconfigured(config.upstream)
+            store.set_ttl(config.session.ttl_seconds)
+            proxy = Proxy(
                 config,
                 router=router,
                 health=health,
@@ -114,6 +125,21 @@ def create_app(
                 upstream=upstream,
                 metrics=metrics,
             )
+            runtime.upstream, runtime.proxy = upstream, proxy
+        runtime.config, runtime.router = config, router
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        store = store_factory(runtime.config, accept)
+        upstream = Upstream(
+            runtime.config.upstream, transport=transport, providers=runtime.config.providers
+        )
+        try:
+            if not await store.ping():
+                logger.warning("the session store does not answer yet; /readyz reports it")
+            runtime.store, runtime.upstream = store, upstream
+            # From the configuration current now: a reload may have come during the ping.
+            apply(runtime.config)
             # Everything made so far lives as long as the process: take it out of the
             # collector's sight, which otherwise walks it again and again under load.
             gc.freeze()
@@ -121,14 +147,15 @@ def create_app(
             gc.set_threshold(*GC_THRESHOLDS)
             logger.info(
                 "sentinel-proxy ready: config=%s providers=%s store=%s",
-                config.source,
-                ",".join(p.name for p in config.providers),
+                runtime.config.source,
+                ",".join(p.name for p in runtime.config.providers),
                 type(store).__name__,
             )
             yield
             gc.set_threshold(*thresholds)
         finally:
-            runtime.proxy = None
+            runtime.proxy = runtime.upstream = None
+            # Every Upstream of a reload shares this one's transport.
             await upstream.aclose()
             await store.aclose()
             runtime.store = None
@@ -144,7 +171,7 @@ def create_app(
             return JSONResponse({"status": "starting"}, status_code=503)
         if await store.ping():
             return JSONResponse({"status": "ready", "store": "ok"})
-        if config.session.on_store_error == "open":
+        if runtime.config.session.on_store_error == "open":
             return JSONResponse({"status": "ready", "store": "unreachable"})
         return JSONResponse({"status": "unready", "store": "unreachable"}, status_code=503)
 
@@ -153,7 +180,11 @@ def create_app(
         return Response(body, headers={"content-type": content_type})
 
     async def debug_session(request: Request) -> Response:
-        token = config.debug.token
+        debug = runtime.config.debug
+        if not debug.enabled:
+            # As if the route did not exist: it exists for a reload that enables it.
+            raise NotFound(f"No route for {request.url.path}; the API is under /v1.")
+        token = debug.token
         supplied = request.headers.get("authorization", "")
         expected = "Bearer " + (token.reveal() if token is not None else "")
         if token is None or not hmac.compare_digest(supplied.encode(), expected.encode()):
@@ -172,27 +203,38 @@ def create_app(
         StarletteRoute("/healthz", healthz, methods=["GET"]),
         StarletteRoute("/readyz", readyz, methods=["GET"]),
         StarletteRoute("/metrics", metrics_endpoint, methods=["GET"]),
+        StarletteRoute(
+            "/debug/session/{conversation_id:path}", debug_session, methods=["GET", "DELETE"]
+        ),
     ]
-    if config.debug.enabled:
-        routes.append(
-            StarletteRoute(
-                "/debug/session/{conversation_id:path}", debug_session, methods=["GET", "DELETE"]
-            )
-        )
     starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error},
     )
-    return Gateway(starlette, runtime)
+    return Gateway(starlette, runtime, apply)
 
 
 class Gateway:
     """Sends /v1 straight to the proxy (raw ASGI, the hot path) and the rest to Starlette."""
 
-    def __init__(self, starlette: Starlette, runtime: _Runtime) -> None:
+    def __init__(
+        self, starlette: Starlette, runtime: _Runtime, apply: Callable[[Config], None]
+    ) -> None:
         self.starlette = starlette
         self._runtime = runtime
+        self._apply = apply
+
+    @property
+    def config(self) -> Config:
+        """The configuration new requests are served with."""
+        return self._runtime.config
+
+    def reload(self, config: Config) -> None:
+        """Serve new requests with `config`; those in flight finish on the one they began
+        with. Settings of config.RESTART_SETTINGS must be those of the running config."""
+        self._apply(config)
+        logger.debug("serving the reloaded configuration")
 
     def drain(self) -> None:
         """From now on /readyz fails and every response closes its connection."""

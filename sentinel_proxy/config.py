@@ -11,7 +11,7 @@ import re
 import resource
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -335,6 +335,36 @@ def file_descriptors(config: Config) -> int:
         + redis
         + FILE_DESCRIPTOR_RESERVE
     )
+
+
+# Settings held by what lives as long as the process: the listening sockets, the workers,
+# the protocol class and logging (all of [server]), the session store's connections and the
+# upstream pool. A reload keeps their running values.
+RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
+    "server": tuple(f.name for f in fields(ServerConfig)),
+    "session": (
+        "redis_url",
+        "timeout_seconds",
+        "breaker_failures",
+        "breaker_reset_seconds",
+        "redis_max_connections",
+        "memory_max_sessions",
+    ),
+    "upstream": ("max_connections",),
+}
+
+
+def keep_restart_settings(running: Config, loaded: Config) -> tuple[Config, list[str]]:
+    """`loaded` with the running values of RESTART_SETTINGS, and the keys of those whose
+    loaded value differs (and so waits for a restart)."""
+    waiting: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, names in RESTART_SETTINGS.items():
+        old, new = getattr(running, section), getattr(loaded, section)
+        kept = {name: getattr(old, name) for name in names}
+        waiting += [f"{section}.{name}" for name in names if getattr(new, name) != kept[name]]
+        sections[section] = replace(new, **kept)
+    return replace(loaded, **sections), waiting
 
 
 def _check_file_limit(config: Config) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from sentinel_proxy.config import Config, User
 from sentinel_proxy.errors import send_error
 from sentinel_proxy.exceptions import (
+    ConfigurationChanged,
     InvalidRequest,
     ProxyError,
     StoreUnavailable,
@@ -281,7 +282,10 @@ class Proxy:
             users.check_allowed(user, model)
             return self._router.select(model), DEGRADED, None
         pinned = self._router.pinned(session.provider, session.model, model)
-        assert pinned is not None  # the store only returns sessions the router accepts
+        if pinned is None:
+            # The store accepts what the current configuration serves: pinned, by a request
+            # after a reload, to a provider this request's older configuration lacks.
+            raise ConfigurationChanged("The configuration changed during this request; retry it.")
         if created:
             logger.debug("session miss for conversation %s", session.id)
             logger.info(

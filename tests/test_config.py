@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from sentinel_proxy.config import (
     DEFAULT_UPSTREAM_URL,
     FILE_DESCRIPTOR_RESERVE,
     Config,
+    DebugConfig,
+    IdSource,
+    Provider,
     Secret,
+    ServerConfig,
+    SessionConfig,
+    UpstreamConfig,
+    keep_restart_settings,
     load_config,
 )
 from sentinel_proxy.exceptions import ConfigError
@@ -525,3 +533,64 @@ def test_prompt_cache_is_on_by_default_for_openai_only(tmp_path: Path) -> None:
     )
     providers = load_config(write(tmp_path, text), env={}).providers
     assert [p.prompt_cache for p in providers] == [True, False, True]
+
+
+def test_a_reload_keeps_the_running_value_of_what_needs_a_restart() -> None:
+    running = load_config(None, env={"SENTINEL_REDIS_URL": "redis://r:1/0"}, overrides={})
+    loaded = Config(
+        providers=(Provider("other", "http://other.test/v1"),),
+        server=ServerConfig(
+            host="0.0.0.0",
+            port=1,
+            workers=2,
+            log_level="debug",
+            log_format="json",
+            shutdown_grace_seconds=1,
+            header_timeout_seconds=1,
+            body_min_rate_bytes_per_second=1,
+            body_rate_window_seconds=1,
+            max_connections=1,
+        ),
+        session=SessionConfig(
+            redis_url=Secret("redis://s:2/0"),
+            ttl_seconds=5,
+            id_sources=(IdSource("header", "x-c", owned=True),),
+            on_store_error="open",
+            timeout_seconds=1,
+            breaker_failures=1,
+            breaker_reset_seconds=1,
+            redis_max_connections=1,
+            memory_max_sessions=1,
+        ),
+        upstream=UpstreamConfig(
+            connect_timeout=1,
+            first_byte_timeout=1,
+            chunk_timeout=1,
+            pool_timeout=1,
+            stream_idle_seconds=1,
+            max_connections=1,
+            max_body_bytes=1,
+        ),
+        debug=DebugConfig(enabled=True, token=Secret("t" * 16)),
+    )
+    config, waiting = keep_restart_settings(running, loaded)
+    assert waiting == [
+        *(f"server.{f.name}" for f in fields(ServerConfig)),
+        "session.redis_url",
+        "session.timeout_seconds",
+        "session.breaker_failures",
+        "session.breaker_reset_seconds",
+        "session.redis_max_connections",
+        "session.memory_max_sessions",
+        "upstream.max_connections",
+    ]
+    assert config.server == running.server
+    assert config.session == replace(
+        running.session,
+        ttl_seconds=5,
+        id_sources=(IdSource("header", "x-c", owned=True),),
+        on_store_error="open",
+    )
+    assert config.upstream == replace(loaded.upstream, max_connections=DEFAULT_MAX_CONNECTIONS)
+    assert (config.providers, config.debug) == (loaded.providers, loaded.debug)
+    assert keep_restart_settings(running, running) == (running, [])

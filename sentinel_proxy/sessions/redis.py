@@ -262,6 +262,9 @@ class RedisStore:
     def breaker(self) -> CircuitBreaker:
         return self._breaker
 
+    def set_ttl(self, seconds: int) -> None:
+        self._ttl = seconds
+
     async def get_or_create(
         self, conversation_id: str, external_id: str | None, make: Maker
     ) -> tuple[Session, bool]:
