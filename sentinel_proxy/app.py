@@ -46,6 +46,7 @@ from sentinel_proxy.sessions import (
     SessionStore,
 )
 from sentinel_proxy.sessions.base import Acceptor
+from sentinel_proxy.sessions.near import NearCache
 from sentinel_proxy.upstream import Upstream
 
 logger = logging.getLogger("sentinel_proxy")
@@ -66,14 +67,27 @@ def create_store(config: Config, accept: Acceptor) -> SessionStore:
             max_sessions=settings.memory_max_sessions,
             accept=accept,
         )
-    return RedisStore(
-        settings.redis_url.reveal(),
+    url = settings.redis_url.reveal()
+    store = RedisStore(
+        url,
         ttl_seconds=settings.ttl_seconds,
         timeout=settings.timeout_seconds,
         max_connections=settings.redis_max_connections,
         breaker=CircuitBreaker(
             failures=settings.breaker_failures, reset_seconds=settings.breaker_reset_seconds
         ),
+        accept=accept,
+    )
+    if not settings.near_cache:
+        return store
+    return NearCache(
+        store,
+        url,
+        ttl_seconds=settings.ttl_seconds,
+        renew_interval=settings.renew_interval_seconds,
+        max_entries=settings.near_cache_max_entries,
+        max_bytes=settings.near_cache_max_bytes,
+        timeout=settings.timeout_seconds,
         accept=accept,
     )
 

@@ -34,6 +34,9 @@ DEFAULT_STORE_TIMEOUT = 0.25
 DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_RESET = 5.0
 DEFAULT_MEMORY_MAX_SESSIONS = 100_000
+DEFAULT_NEAR_CACHE_ENTRIES = 100_000
+DEFAULT_NEAR_CACHE_BYTES = 64 * 1024 * 1024
+DEFAULT_RENEW_INTERVAL = 60.0
 DEFAULT_REDIS_MAX_CONNECTIONS = 256
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -228,6 +231,13 @@ class SessionConfig:
     breaker_reset_seconds: float = DEFAULT_BREAKER_RESET
     redis_max_connections: int = DEFAULT_REDIS_MAX_CONNECTIONS
     memory_max_sessions: int = DEFAULT_MEMORY_MAX_SESSIONS
+    # Pins kept in each process, invalidated by Redis (sessions/near.py); Redis only.
+    near_cache: bool = True
+    near_cache_max_entries: int = DEFAULT_NEAR_CACHE_ENTRIES
+    near_cache_max_bytes: int = DEFAULT_NEAR_CACHE_BYTES
+    # With the near-cache, a key's TTL is renewed at most this often per process (and at
+    # least every half TTL).
+    renew_interval_seconds: float = DEFAULT_RENEW_INTERVAL
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +359,10 @@ RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
         "breaker_reset_seconds",
         "redis_max_connections",
         "memory_max_sessions",
+        "near_cache",
+        "near_cache_max_entries",
+        "near_cache_max_bytes",
+        "renew_interval_seconds",
     ),
     "upstream": ("max_connections",),
 }
@@ -477,6 +491,10 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
             "breaker_reset_seconds",
             "redis_max_connections",
             "memory_max_sessions",
+            "near_cache",
+            "near_cache_max_entries",
+            "near_cache_max_bytes",
+            "renew_interval_seconds",
         },
     )
     merged = {**raw}
@@ -499,14 +517,14 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
                 "bytes (the same on every replica)",
             )
         hash_key = Secret(value)
+    ttl = _int(merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1, high=MAX_SESSION_TTL)
+    renew = _float(merged, "session.", "renew_interval_seconds", DEFAULT_RENEW_INTERVAL)
     mode = _str(merged, "session.", "on_store_error", "closed")
     if mode not in ("closed", "open"):
         raise ConfigError("session.on_store_error", 'must be "closed" or "open"')
     return SessionConfig(
         redis_url=Secret(redis_url) if redis_url else None,
-        ttl_seconds=_int(
-            merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1, high=MAX_SESSION_TTL
-        ),
+        ttl_seconds=ttl,
         id_sources=id_sources,
         hash_key=hash_key,
         on_store_error=mode,  # type: ignore[arg-type]
@@ -523,6 +541,14 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
         memory_max_sessions=_int(
             merged, "session.", "memory_max_sessions", DEFAULT_MEMORY_MAX_SESSIONS, low=1
         ),
+        near_cache=_bool(merged, "session.", "near_cache", True),
+        near_cache_max_entries=_int(
+            merged, "session.", "near_cache_max_entries", DEFAULT_NEAR_CACHE_ENTRIES, low=1
+        ),
+        near_cache_max_bytes=_int(
+            merged, "session.", "near_cache_max_bytes", DEFAULT_NEAR_CACHE_BYTES, low=1024
+        ),
+        renew_interval_seconds=renew,
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any
 
 import httpx
@@ -201,11 +202,19 @@ def test_environment_overrides_redis_url_and_ttl(
     assert 120 < ttl <= 300, ttl
 
 
+@pytest.mark.parametrize("near_cache", ["false", "true"])
 def test_a_hit_renews_the_session_ttl(
-    start_proxy: StartProxy, upstream: UpstreamStub, redis_url: str, redis_server: RedisServer
+    start_proxy: StartProxy,
+    upstream: UpstreamStub,
+    redis_url: str,
+    redis_server: RedisServer,
+    near_cache: str,
 ) -> None:
     proxy = start_proxy(
-        stub_config(upstream, f'[session]\nredis_url = "{redis_url}"\nttl_seconds = 600\n')
+        stub_config(
+            upstream,
+            f'[session]\nredis_url = "{redis_url}"\nttl_seconds = 600\nnear_cache = {near_cache}\n',
+        )
     )
     assert chat(proxy, "c-sliding").headers["x-sentinel-session"] == "created"
     key = "sentinel:session:c-sliding"
@@ -215,4 +224,12 @@ def test_a_hit_renews_the_session_ttl(
 
         assert chat(proxy, "c-sliding").headers["x-sentinel-session"] == "hit"
 
-        assert 30 < client.ttl(key) <= 600
+        if near_cache == "false":
+            assert 30 < client.ttl(key) <= 600
+        else:
+            # Renewed in the background, once its renewal is due (the key's TTL says so).
+            deadline = time.monotonic() + 5
+            while client.ttl(key) <= 30:
+                assert time.monotonic() < deadline, "the hit never renewed the TTL"
+                time.sleep(0.02)  # polling a deadline: the renewal is sent in the background
+            assert client.ttl(key) <= 600
