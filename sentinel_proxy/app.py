@@ -1,5 +1,5 @@
 """ASGI wiring: the proxy route on raw ASGI, operational endpoints on Starlette, and the
-lifespan that owns the upstream transport and the session store."""
+lifespan that owns the upstream transport, the session store, the metrics and tracing."""
 
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from sentinel_proxy.exceptions import (
     ProxyError,
     Unauthorized,
 )
-from sentinel_proxy.metrics import Metrics
+from sentinel_proxy.logs import REQUEST_ID_HEADER, client_request_id, new_request_id
+from sentinel_proxy.metrics import MeteredStore, Metrics, MetricsSlot
 from sentinel_proxy.proxy import Proxy
 from sentinel_proxy.relay import Receive, Send
 from sentinel_proxy.request import check_conversation_id
@@ -39,6 +40,7 @@ from sentinel_proxy.sessions import (
     Session,
     SessionStore,
 )
+from sentinel_proxy.tracing import create_tracing
 from sentinel_proxy.upstream import Upstream
 
 logger = logging.getLogger("sentinel_proxy")
@@ -79,6 +81,7 @@ class _Runtime:
 
     proxy: Proxy | None = None
     store: SessionStore | None = None
+    metrics: Metrics | None = None
     # Set by the first stop signal (server.py): readiness fails and connections close.
     draining = False
 
@@ -89,21 +92,33 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     store_factory: StoreFactory = create_store,
     rand: Callable[[], float] = random.random,
+    metrics_slot: MetricsSlot | None = None,
 ) -> Gateway:
+    """The app of `config`; `metrics_slot`: where a worker of several writes its metrics
+    (None: a process alone)."""
     runtime = _Runtime()
     router = Router(config, rand=rand)
-    metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = store_factory(config, router)
+        metrics = Metrics(config, metrics_slot)
+        made = store_factory(config, router)
+        breaker = made.breaker if isinstance(made, RedisStore) else None
+        store = MeteredStore(made, metrics, breaker)
         upstream = Upstream(config.upstream, transport=transport)
+        tracing = create_tracing(config.tracing)
         try:
             if not await store.ping():
                 logger.warning("the session store does not answer yet; /readyz reports it")
             runtime.store = store
+            runtime.metrics = metrics
             runtime.proxy = Proxy(
-                config, router=router, store=store, upstream=upstream, metrics=metrics
+                config,
+                router=router,
+                store=store,
+                upstream=upstream,
+                metrics=metrics,
+                tracing=tracing,
             )
             # Everything made so far lives as long as the process: take it out of the
             # collector's sight, which otherwise walks it again and again under load.
@@ -114,7 +129,7 @@ def create_app(
                 "sentinel-proxy ready: config=%s providers=%s store=%s",
                 config.source,
                 ",".join(p.name for p in config.providers),
-                type(store).__name__,
+                type(made).__name__,
             )
             yield
             gc.set_threshold(*thresholds)
@@ -123,6 +138,10 @@ def create_app(
             await upstream.aclose()
             await store.aclose()
             runtime.store = None
+            if tracing is not None:
+                await tracing.shutdown()
+            runtime.metrics = None
+            metrics.close()
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -140,7 +159,9 @@ def create_app(
         return JSONResponse({"status": "unready", "store": "unreachable"}, status_code=503)
 
     async def metrics_endpoint(request: Request) -> Response:
-        body, content_type = metrics.render()
+        if runtime.metrics is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        body, content_type = runtime.metrics.render()
         return Response(body, headers={"content-type": content_type})
 
     async def debug_session(request: Request) -> Response:
@@ -214,8 +235,10 @@ def _closing(send: Send) -> Send:
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    body = error_body(exc)
-    headers = {k.decode(): v.decode() for k, v in error_headers(exc, body)}
+    sent = request.headers.get(REQUEST_ID_HEADER.decode())
+    request_id = (sent and client_request_id(sent.encode("latin-1"))) or new_request_id()
+    body = error_body(exc, request_id)
+    headers = {k.decode(): v.decode() for k, v in error_headers(exc, body, request_id)}
     return Response(body, status_code=exc.status_code, headers=headers)
 
 

@@ -7,6 +7,7 @@ environment.
 from __future__ import annotations
 
 import math
+import os
 import resource
 import tomllib
 from collections.abc import Mapping
@@ -53,6 +54,9 @@ MAX_SECONDS = 7 * 86_400
 MAX_WORKERS = 256
 # Provider and model names travel in response headers, metric labels and log lines.
 MAX_NAME_LENGTH = 256
+DEFAULT_SERVICE_NAME = "sentinel-proxy"
+# Bytes of the key that hashes conversation ids in spans when none is configured.
+_TRACE_KEY_BYTES = 32
 # Headers that mean something else to HTTP or to the proxy: never a conversation id.
 _RESERVED_HEADERS = frozenset(
     {
@@ -183,6 +187,21 @@ class DebugConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Model names counted under their own label besides aliases and their targets.
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    # The OTLP/HTTP URL spans are sent to; None: tracing is off.
+    endpoint: str | None = None
+    service_name: str = DEFAULT_SERVICE_NAME
+    # The HMAC key of the conversation ids in spans.
+    conversation_key: Secret = field(default_factory=lambda: Secret(""))
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     providers: tuple[Provider, ...]
     aliases: Mapping[str, Alias] = field(default_factory=dict)
@@ -190,6 +209,8 @@ class Config:
     session: SessionConfig = SessionConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     debug: DebugConfig = DebugConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
     source: str = "defaults"
 
     def provider(self, name: str) -> Provider | None:
@@ -208,7 +229,11 @@ def load_config(
     """Build the configuration, or raise ConfigError naming the offending key."""
     path = path or env.get("SENTINEL_CONFIG") or None
     raw = _read_toml(path) if path else {}
-    _only(raw, "", {"server", "session", "upstream", "providers", "models", "debug"})
+    _only(
+        raw,
+        "",
+        {"server", "session", "upstream", "providers", "models", "debug", "metrics", "tracing"},
+    )
     server = _server(_table(raw, "server"), env, overrides or {})
     session = _session(_table(raw, "session"), env)
     providers = _providers(raw.get("providers"), env)
@@ -220,6 +245,8 @@ def load_config(
         session=session,
         upstream=_upstream(_table(raw, "upstream")),
         debug=_debug(_table(raw, "debug")),
+        metrics=_metrics(_table(raw, "metrics")),
+        tracing=_tracing(_table(raw, "tracing"), env),
         source=path or "defaults",
     )
     if session.redis_url is None and server.workers > 1:
@@ -555,6 +582,48 @@ def _debug(raw: dict[str, Any]) -> DebugConfig:
             "must be at least 16 printable ASCII characters, no spaces, when enabled",
         )
     return DebugConfig(enabled=True, token=Secret(token))
+
+
+def _metrics(raw: dict[str, Any]) -> MetricsConfig:
+    _only(raw, "metrics.", {"models"})
+    models = raw.get("models", [])
+    if not isinstance(models, list):
+        raise ConfigError("metrics.models", "must be an array of model names")
+    for index, model in enumerate(models):
+        if not is_valid_name(model):
+            raise ConfigError(f"metrics.models[{index}]", _NAME_RULE)
+    return MetricsConfig(models=tuple(models))
+
+
+def _tracing(raw: dict[str, Any], env: Mapping[str, str]) -> TracingConfig:
+    """On when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set (as
+    the OpenTelemetry SDK reads them), unless OTEL_SDK_DISABLED is true. The SDK reads the
+    other OTEL_* variables (headers, timeout, sampler, batching, resource) itself."""
+    _only(raw, "tracing.", {"conversation_key_env"})
+    key = os.urandom(_TRACE_KEY_BYTES).hex()
+    if "conversation_key_env" in raw:
+        variable = _str(raw, "tracing.", "conversation_key_env", None)
+        if not env.get(variable):
+            raise ConfigError(
+                "tracing.conversation_key_env", f"environment variable {variable} is not set"
+            )
+        key = env[variable]
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None
+    name = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    if endpoint is None and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        name = "OTEL_EXPORTER_OTLP_ENDPOINT"
+        endpoint = env[name].rstrip("/") + "/v1/traces"
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        endpoint = None
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(name, "must be an http:// or https:// URL")
+    return TracingConfig(
+        endpoint=endpoint,
+        service_name=env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
+        conversation_key=Secret(key),
+    )
 
 
 _NAME_RULE = f"must be at most {MAX_NAME_LENGTH} printable characters, no space at either end"

@@ -25,6 +25,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from sentinel_proxy.app import create_app
 from sentinel_proxy.config import Config
+from sentinel_proxy.metrics import MetricsSlot
 
 logger = logging.getLogger("sentinel_proxy.server")
 
@@ -107,9 +108,10 @@ def serve(
     sockets: list[socket.socket] | None = None,
     on_ready: Callable[[], None] | None = None,
     stop_signals: Collection[signal.Signals] = STOP_SIGNALS,
+    metrics_slot: MetricsSlot | None = None,
 ) -> int:
     """Serve `config` with uvicorn `options` until a signal stops it; the exit status."""
-    app = create_app(config)
+    app = create_app(config, metrics_slot=metrics_slot)
     server = Server(
         uvicorn.Config(app, **options),
         on_drain=app.drain,

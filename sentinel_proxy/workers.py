@@ -19,6 +19,9 @@ which the slot keeps for its replacement workers. A worker exits when the superv
 delay that doubles with each quick failure; after MAX_QUICK_FAILURES in a row the
 supervisor stops the others and exits 1.
 
+The supervisor makes a directory for the workers' metrics files (metrics.py), where each
+slot's worker writes and any worker reads them all for a scrape; it is removed at exit.
+
 The first SIGTERM or SIGINT closes the supervisor's sockets and passes SIGTERM on, so every
 worker drains (server.py); a second one is passed on too, and cuts what is left. Workers
 ignore SIGINT: Ctrl-C reaches the whole process group, and the supervisor speaks for them.
@@ -30,9 +33,11 @@ import ctypes
 import logging
 import multiprocessing
 import os
+import shutil
 import signal
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +47,7 @@ from types import FrameType
 from typing import Any
 
 from sentinel_proxy.config import Config
+from sentinel_proxy.metrics import MetricsSlot, forget_worker
 from sentinel_proxy.server import serve
 
 logger = logging.getLogger("sentinel_proxy.workers")
@@ -155,6 +161,7 @@ class Supervisor:
         self._slots: list[_Slot] = []
         self._stopping = False
         self._status = 0
+        self._metrics_directory = ""
 
     def run(self) -> int:
         """Serve until stopped; the exit status (1 when a worker kept failing)."""
@@ -174,6 +181,7 @@ class Supervisor:
             sig: signal.signal(sig, _note_signal) for sig in (signal.SIGTERM, signal.SIGINT)
         }
         previous_wakeup = signal.set_wakeup_fd(wakeup_write)
+        self._metrics_directory = tempfile.mkdtemp(prefix="sentinel-metrics-")
         try:
             for slot in self._slots:
                 self._start(slot)
@@ -186,6 +194,7 @@ class Supervisor:
             os.close(wakeup_read)
             os.close(wakeup_write)
             self._close_sockets()
+            shutil.rmtree(self._metrics_directory, ignore_errors=True)
         return self._status
 
     def _turn(self, wakeup: int) -> None:
@@ -215,7 +224,14 @@ class Supervisor:
         reader, writer = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_work,
-            args=(self.config, self._options, slot.sock, writer, os.getpid()),
+            args=(
+                self.config,
+                self._options,
+                slot.sock,
+                writer,
+                os.getpid(),
+                MetricsSlot(self._metrics_directory, slot.index),
+            ),
             name=f"sentinel-proxy-worker-{slot.index}",
         )
         # SIG_IGN survives exec, so the worker ignores SIGINT from its first instruction;
@@ -250,6 +266,7 @@ class Supervisor:
         if slot.ready_pipe is not None:
             slot.ready_pipe.close()
         slot.process, slot.ready_pipe, slot.ready = None, None, False
+        forget_worker(self._metrics_directory, slot.index)
         if self._stopping:
             return
         self._steer()
@@ -323,7 +340,12 @@ def _note_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _work(
-    config: Config, options: Options, sock: socket.socket, ready: Connection, parent: int
+    config: Config,
+    options: Options,
+    sock: socket.socket,
+    ready: Connection,
+    parent: int,
+    metrics: MetricsSlot,
 ) -> None:
     """A worker process: serve on `sock` until SIGTERM, or until the supervisor is gone."""
     libc = ctypes.CDLL(None, use_errno=True)
@@ -338,6 +360,11 @@ def _work(
 
     raise SystemExit(
         serve(
-            config, options(config), sockets=[sock], on_ready=notify, stop_signals=(signal.SIGTERM,)
+            config,
+            options(config),
+            sockets=[sock],
+            on_ready=notify,
+            stop_signals=(signal.SIGTERM,),
+            metrics_slot=metrics,
         )
     )
