@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import threading
 from typing import TYPE_CHECKING, Any
 
 from sentinel_proxy.config import TracingConfig
@@ -31,6 +32,8 @@ _TRACEPARENT = b"traceparent"
 _TRACESTATE = b"tracestate"
 # Bytes of the keyed hash of a conversation id kept in a span.
 _HASH_BYTES = 16
+# How long the end of the lifespan waits for the last spans to be exported.
+FLUSH_SECONDS = 2.0
 
 
 def create_tracing(settings: TracingConfig) -> Tracing | None:
@@ -49,7 +52,7 @@ def create_tracing(settings: TracingConfig) -> Tracing | None:
 
 class Tracing:
     """A tracer provider with a batching OTLP/HTTP exporter (its own thread), made in the
-    lifespan and shut down, flushing what is left, at its end."""
+    lifespan and shut down at its end, after up to FLUSH_SECONDS of sending what is left."""
 
     def __init__(self, settings: TracingConfig) -> None:
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -61,11 +64,11 @@ class Tracing:
 
         assert settings.endpoint is not None
         self._provider: TracerProvider = TracerProvider(
-            resource=Resource.create({"service.name": settings.service_name})
+            resource=Resource.create({"service.name": settings.service_name}),
+            shutdown_on_exit=False,
         )
-        self._provider.add_span_processor(
-            BatchSpanProcessor(OTLPSpanExporter(endpoint=settings.endpoint))
-        )
+        self._exporter = OTLPSpanExporter(endpoint=settings.endpoint)
+        self._provider.add_span_processor(BatchSpanProcessor(self._exporter))
         self._tracer = self._provider.get_tracer("sentinel_proxy")
         self._propagator = TraceContextTextMapPropagator()
         self._server = SpanKind.SERVER
@@ -124,5 +127,15 @@ class Tracing:
         return hmac.digest(self._key, conversation_id.encode(), "sha256")[:_HASH_BYTES].hex()
 
     async def shutdown(self) -> None:
-        # Flushing waits for the exporter's requests: not on the event loop.
-        await asyncio.to_thread(self._provider.shutdown)
+        await asyncio.to_thread(self._close)
+
+    def _close(self) -> None:
+        # A flush retries an unreachable collector for the exporter's whole timeout (10 s),
+        # and the provider's own shutdown flushes first: flush in a thread that may be left
+        # behind, then stop the exporter, which ends its retries.
+        flushing = threading.Thread(
+            target=self._provider.force_flush, name="otel-flush", daemon=True
+        )
+        flushing.start()
+        flushing.join(FLUSH_SECONDS)
+        self._exporter.shutdown()  # type: ignore[no-untyped-call]

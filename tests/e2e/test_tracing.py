@@ -4,12 +4,14 @@ the client's traceparent and tracestate reach the upstream as sent."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
 import pytest
 
 from tests.support.otlp_receiver import OTLPReceiver
+from tests.support.ports import free_port
 from tests.support.proxy_process import TEST_AUTH, ProxyProcess, StartProxy
 from tests.support.upstream_stub import UpstreamStub
 
@@ -133,3 +135,17 @@ def test_without_tracing_the_clients_trace_headers_pass_unchanged(
     assert received.header_values("tracestate") == [TRACESTATE]
     assert proxy.terminate() == 0
     assert otlp_receiver.spans == []
+
+
+def test_a_collector_that_is_down_costs_the_requests_nothing(
+    start_proxy: StartProxy, upstream: UpstreamStub
+) -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    proxy = start_proxy(stub_config(upstream), env=env)
+
+    for _ in range(5):
+        assert post(proxy, {}, {"model": "fast", "messages": []}).status_code == 200
+
+    started = time.monotonic()
+    assert proxy.terminate() == 0
+    assert time.monotonic() - started < 5, "the exit waited for the collector"
