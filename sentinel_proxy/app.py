@@ -3,6 +3,7 @@ lifespan that owns the upstream transport, the session store, the metrics and tr
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hmac
 import logging
@@ -101,47 +102,46 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        metrics = Metrics(config, metrics_slot)
-        made = store_factory(config, router)
-        breaker = made.breaker if isinstance(made, RedisStore) else None
-        store = MeteredStore(made, metrics, breaker)
-        upstream = Upstream(config.upstream, transport=transport)
-        tracing = create_tracing(config.tracing)
-        try:
-            if not await store.ping():
-                logger.warning("the session store does not answer yet; /readyz reports it")
-            runtime.store = store
-            runtime.metrics = metrics
-            runtime.proxy = Proxy(
-                config,
-                router=router,
-                store=store,
-                upstream=upstream,
-                metrics=metrics,
-                tracing=tracing,
-            )
-            # Everything made so far lives as long as the process: take it out of the
-            # collector's sight, which otherwise walks it again and again under load.
-            gc.freeze()
-            thresholds = gc.get_threshold()
-            gc.set_threshold(*GC_THRESHOLDS)
-            logger.info(
-                "sentinel-proxy ready: config=%s providers=%s store=%s",
-                config.source,
-                ",".join(p.name for p in config.providers),
-                type(made).__name__,
-            )
-            yield
-            gc.set_threshold(*thresholds)
-        finally:
-            runtime.proxy = None
-            await upstream.aclose()
-            await store.aclose()
-            runtime.store = None
+        async with contextlib.AsyncExitStack() as resources:
+            metrics = Metrics(config, metrics_slot)
+            resources.callback(metrics.close)
+            made = store_factory(config, router)
+            breaker = made.breaker if isinstance(made, RedisStore) else None
+            store = MeteredStore(made, metrics, breaker)
+            resources.push_async_callback(store.aclose)
+            upstream = Upstream(config.upstream, transport=transport)
+            resources.push_async_callback(upstream.aclose)
+            tracing = create_tracing(config.tracing)
             if tracing is not None:
-                await tracing.shutdown()
-            runtime.metrics = None
-            metrics.close()
+                resources.push_async_callback(tracing.shutdown)
+            try:
+                if not await store.ping():
+                    logger.warning("the session store does not answer yet; /readyz reports it")
+                runtime.store = store
+                runtime.metrics = metrics
+                runtime.proxy = Proxy(
+                    config,
+                    router=router,
+                    store=store,
+                    upstream=upstream,
+                    metrics=metrics,
+                    tracing=tracing,
+                )
+                # Everything made so far lives as long as the process: take it out of the
+                # collector's sight, which otherwise walks it again and again under load.
+                gc.freeze()
+                thresholds = gc.get_threshold()
+                gc.set_threshold(*GC_THRESHOLDS)
+                logger.info(
+                    "sentinel-proxy ready: config=%s providers=%s store=%s",
+                    config.source,
+                    ",".join(p.name for p in config.providers),
+                    type(made).__name__,
+                )
+                yield
+                gc.set_threshold(*thresholds)
+            finally:
+                runtime.proxy = runtime.store = runtime.metrics = None
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
