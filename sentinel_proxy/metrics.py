@@ -317,6 +317,11 @@ class Metrics:
         self._registry = CollectorRegistry(auto_describe=False)
         MultiProcessCollector(self._registry, path=slot.directory)  # type: ignore[no-untyped-call]
 
+    def configure(self, config: Config) -> None:
+        """Label models by `config` from now on (a reloaded configuration); counts so far
+        stay as they are."""
+        self._models = model_labels(config)
+
     def request(self, provider: str, model: str | None, status: int, session: str | None) -> None:
         label = "" if model is None else self._models.get(model, OTHER)
         key = (provider, label, status // 100)

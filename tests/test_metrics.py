@@ -52,6 +52,16 @@ def test_model_labels_come_from_the_configuration(worker: Metrics) -> None:
     assert requests == {"fast": 1, "m-a": 1, "m-b": 1, "gpt-4o": 1, "other": 2, "": 1}
 
 
+def test_a_reloaded_configuration_labels_its_own_models(worker: Metrics) -> None:
+    worker.request("a", "o3", 200, None)
+    worker.configure(Config(providers=CONFIG.providers, metrics=MetricsConfig(models=("o3",))))
+    worker.request("a", "o3", 200, None)
+    worker.request("a", "gpt-4o", 200, None)
+
+    assert value(worker, "sentinel_requests_total", provider="a", model="o3", status="2xx") == 1
+    assert value(worker, "sentinel_requests_total", provider="a", model="other", status="2xx") == 2
+
+
 def test_statuses_are_counted_by_class_and_outcomes_apart(worker: Metrics) -> None:
     for status in (200, 201, 404, 499, 502, 503):
         worker.request("a", "fast", status, "hit")
