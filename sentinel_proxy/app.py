@@ -1,5 +1,5 @@
 """ASGI wiring: the proxy route on raw ASGI, operational endpoints on Starlette, and the
-lifespan that owns the upstream transport and the session store.
+lifespan that owns the upstream transport, the session store, the metrics and tracing.
 
 What a configuration decides per request (the router, the rewriter, timeouts: the `Proxy`)
 is built from it and reached through one reference; a reload builds a new one and swaps
@@ -8,6 +8,7 @@ configuration. The store and the upstream connections outlive reloads: pins stay
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hmac
 import logging
@@ -33,7 +34,8 @@ from sentinel_proxy.exceptions import (
     Unauthorized,
 )
 from sentinel_proxy.health import Health
-from sentinel_proxy.metrics import Metrics
+from sentinel_proxy.logs import REQUEST_ID_HEADER, client_request_id, new_request_id
+from sentinel_proxy.metrics import MeteredStore, Metrics, MetricsSlot
 from sentinel_proxy.proxy import Proxy
 from sentinel_proxy.relay import Receive, Send
 from sentinel_proxy.request import check_conversation_id
@@ -47,6 +49,7 @@ from sentinel_proxy.sessions import (
 )
 from sentinel_proxy.sessions.base import Acceptor
 from sentinel_proxy.sessions.near import NearCache
+from sentinel_proxy.tracing import Tracing, create_tracing
 from sentinel_proxy.upstream import Upstream
 
 logger = logging.getLogger("sentinel_proxy")
@@ -102,6 +105,8 @@ class _Runtime:
         self.proxy: Proxy | None = None
         self.store: SessionStore | None = None
         self.upstream: Upstream | None = None
+        self.metrics: Metrics | None = None
+        self.tracing: Tracing | None = None
         # Set by the first stop signal (server.py): readiness fails and connections close.
         self.draining = False
 
@@ -112,9 +117,11 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     store_factory: StoreFactory = create_store,
     rand: Callable[[], float] = random.random,
+    metrics_slot: MetricsSlot | None = None,
 ) -> Gateway:
+    """The app of `config`; `metrics_slot`: where a worker of several writes its metrics
+    (None: a process alone)."""
     runtime = _Runtime(config, Router(config, rand=rand))
-    metrics = Metrics()
 
     def accept(session: Session) -> bool:
         # The current router, not the one of the start: a reload may have removed the
@@ -126,11 +133,12 @@ def create_app(
             threshold=config.routing.eject_after_failures, cooldown=config.routing.eject_seconds
         )
         router = Router(config, health=health, rand=rand)
-        store, upstream = runtime.store, runtime.upstream
-        if store is not None and upstream is not None:
+        store, upstream, metrics = runtime.store, runtime.upstream, runtime.metrics
+        if store is not None and upstream is not None and metrics is not None:
             # Same transport, so the same connections; new timeouts.
             upstream = upstream.reconfigured(config.upstream)
             store.set_ttl(config.session.ttl_seconds)
+            metrics.configure(config)
             proxy = Proxy(
                 config,
                 router=router,
@@ -138,41 +146,50 @@ def create_app(
                 store=store,
                 upstream=upstream,
                 metrics=metrics,
+                tracing=runtime.tracing,
             )
             runtime.upstream, runtime.proxy = upstream, proxy
         runtime.config, runtime.router = config, router
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = store_factory(runtime.config, accept)
-        upstream = Upstream(
-            runtime.config.upstream, transport=transport, providers=runtime.config.providers
-        )
-        try:
-            if not await store.ping():
-                logger.warning("the session store does not answer yet; /readyz reports it")
-            runtime.store, runtime.upstream = store, upstream
-            # From the configuration current now: a reload may have come during the ping.
-            apply(runtime.config)
-            # Everything made so far lives as long as the process: take it out of the
-            # collector's sight, which otherwise walks it again and again under load.
-            gc.freeze()
-            thresholds = gc.get_threshold()
-            gc.set_threshold(*GC_THRESHOLDS)
-            logger.info(
-                "sentinel-proxy ready: config=%s providers=%s store=%s",
-                runtime.config.source,
-                ",".join(p.name for p in runtime.config.providers),
-                type(store).__name__,
-            )
-            yield
-            gc.set_threshold(*thresholds)
-        finally:
-            runtime.proxy = runtime.upstream = None
+        async with contextlib.AsyncExitStack() as resources:
+            metrics = Metrics(runtime.config, metrics_slot)
+            resources.callback(metrics.close)
+            made = store_factory(runtime.config, accept)
+            breaker = made.breaker if isinstance(made, RedisStore | NearCache) else None
+            store = MeteredStore(made, metrics, breaker)
+            resources.push_async_callback(store.aclose)
             # Every Upstream of a reload shares this one's transport.
-            await upstream.aclose()
-            await store.aclose()
-            runtime.store = None
+            upstream = Upstream(
+                runtime.config.upstream, transport=transport, providers=runtime.config.providers
+            )
+            resources.push_async_callback(upstream.aclose)
+            tracing = create_tracing(runtime.config.tracing)
+            if tracing is not None:
+                resources.push_async_callback(tracing.shutdown)
+            try:
+                if not await store.ping():
+                    logger.warning("the session store does not answer yet; /readyz reports it")
+                runtime.store, runtime.upstream = store, upstream
+                runtime.metrics, runtime.tracing = metrics, tracing
+                # From the configuration current now: a reload may have come during the ping.
+                apply(runtime.config)
+                # Everything made so far lives as long as the process: take it out of the
+                # collector's sight, which otherwise walks it again and again under load.
+                gc.freeze()
+                thresholds = gc.get_threshold()
+                gc.set_threshold(*GC_THRESHOLDS)
+                logger.info(
+                    "sentinel-proxy ready: config=%s providers=%s store=%s",
+                    runtime.config.source,
+                    ",".join(p.name for p in runtime.config.providers),
+                    type(made).__name__,
+                )
+                yield
+                gc.set_threshold(*thresholds)
+            finally:
+                runtime.proxy = runtime.upstream = runtime.store = runtime.metrics = None
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -190,7 +207,9 @@ def create_app(
         return JSONResponse({"status": "unready", "store": "unreachable"}, status_code=503)
 
     async def metrics_endpoint(request: Request) -> Response:
-        body, content_type = metrics.render()
+        if runtime.metrics is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        body, content_type = runtime.metrics.render()
         return Response(body, headers={"content-type": content_type})
 
     async def debug_session(request: Request) -> Response:
@@ -279,8 +298,10 @@ def _closing(send: Send) -> Send:
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    body = error_body(exc)
-    headers = {k.decode(): v.decode() for k, v in error_headers(exc, body)}
+    sent = request.headers.get(REQUEST_ID_HEADER.decode())
+    request_id = (sent and client_request_id(sent.encode("latin-1"))) or new_request_id()
+    body = error_body(exc, request_id)
+    headers = {k.decode(): v.decode() for k, v in error_headers(exc, body, request_id)}
     return Response(body, status_code=exc.status_code, headers=headers)
 
 

@@ -70,6 +70,7 @@ MAX_NAME_LENGTH = 256
 DEMO_DOMAIN = "sentinel.invalid"
 DEMO_ALIAS = "demo"
 DEMO_TARGETS = (("demo-a", "demo-small"), ("demo-b", "demo-large"))
+DEFAULT_SERVICE_NAME = "sentinel-proxy"
 # Headers that mean something else to HTTP or to the proxy: never a conversation id.
 _RESERVED_HEADERS = frozenset(
     {
@@ -262,6 +263,22 @@ class DebugConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Model names counted under their own label besides aliases and their targets.
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    # The OTLP/HTTP URL spans are sent to; None: tracing is off.
+    endpoint: str | None = None
+    service_name: str = DEFAULT_SERVICE_NAME
+    # The HMAC key of the conversation ids in spans; None: one of this process's own
+    # (the hashes then differ between processes).
+    conversation_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     providers: tuple[Provider, ...]
     aliases: Mapping[str, Alias] = field(default_factory=dict)
@@ -271,6 +288,8 @@ class Config:
     session: SessionConfig = SessionConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     debug: DebugConfig = DebugConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
     source: str = "defaults"
     # Loaded for --demo: providers and aliases are the built-in demo ones.
     demo: bool = False
@@ -296,7 +315,18 @@ def load_config(
     _only(
         raw,
         "",
-        {"server", "session", "upstream", "providers", "models", "routing", "users", "debug"},
+        {
+            "server",
+            "session",
+            "upstream",
+            "providers",
+            "models",
+            "routing",
+            "users",
+            "debug",
+            "metrics",
+            "tracing",
+        },
     )
     server = _server(_table(raw, "server"), env, overrides or {})
     session = _session(_table(raw, "session"), env)
@@ -316,6 +346,8 @@ def load_config(
         session=session,
         upstream=_upstream(_table(raw, "upstream")),
         debug=_debug(_table(raw, "debug")),
+        metrics=_metrics(_table(raw, "metrics")),
+        tracing=_tracing(_table(raw, "tracing"), env, session.hash_key),
         source=path or "defaults",
         demo=demo,
     )
@@ -365,6 +397,8 @@ RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
         "renew_interval_seconds",
     ),
     "upstream": ("max_connections",),
+    # The exporter is made at start.
+    "tracing": ("endpoint", "service_name"),
 }
 
 
@@ -890,6 +924,51 @@ def _debug(raw: dict[str, Any]) -> DebugConfig:
 _OPENAI_HOST = "api.openai.com"
 _EXTERNAL_ID = re.compile(r"[A-Za-z0-9._-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _metrics(raw: dict[str, Any]) -> MetricsConfig:
+    _only(raw, "metrics.", {"models"})
+    models = raw.get("models", [])
+    if not isinstance(models, list):
+        raise ConfigError("metrics.models", "must be an array of model names")
+    for index, model in enumerate(models):
+        if not is_valid_name(model):
+            raise ConfigError(f"metrics.models[{index}]", _NAME_RULE)
+    return MetricsConfig(models=tuple(models))
+
+
+def _tracing(raw: dict[str, Any], env: Mapping[str, str], hash_key: Secret | None) -> TracingConfig:
+    """On when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set (as
+    the OpenTelemetry SDK reads them), unless OTEL_SDK_DISABLED is true. The SDK reads the
+    other OTEL_* variables (headers, timeout, sampler, batching, resource) itself."""
+    _only(raw, "tracing.", {"conversation_key_env"})
+    # The session's HMAC key, the same on every replica, unless tracing has one of its own.
+    key = hash_key
+    if "conversation_key_env" in raw:
+        variable = _str(raw, "tracing.", "conversation_key_env", None)
+        if not env.get(variable):
+            raise ConfigError(
+                "tracing.conversation_key_env", f"environment variable {variable} is not set"
+            )
+        key = Secret(env[variable])
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None
+    name = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    if endpoint is None and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        name = "OTEL_EXPORTER_OTLP_ENDPOINT"
+        endpoint = env[name].rstrip("/") + "/v1/traces"
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        endpoint = None
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(name, "must be an http:// or https:// URL")
+    return TracingConfig(
+        endpoint=endpoint,
+        service_name=env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
+        conversation_key=key,
+    )
+
+
 _NAME_RULE = f"must be at most {MAX_NAME_LENGTH} printable characters, no space at either end"
 
 

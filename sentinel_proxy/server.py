@@ -31,6 +31,7 @@ from uvicorn.config import STARTUP_FAILURE
 
 from sentinel_proxy.app import Gateway, create_app
 from sentinel_proxy.config import Config
+from sentinel_proxy.metrics import MetricsSlot
 from sentinel_proxy.reload import Loader, reread
 
 logger = logging.getLogger("sentinel_proxy.server")
@@ -132,12 +133,13 @@ def serve(
     stop_signals: Collection[signal.Signals] = STOP_SIGNALS,
     load: Loader | None = None,
     updates: Connection | None = None,
+    metrics_slot: MetricsSlot | None = None,
 ) -> int:
     """Serve `config` with uvicorn `options` until a signal stops it; the exit status.
 
     With `load`, SIGHUP reloads the configuration with it. With `updates`, every Config
     that arrives there is served from then on (a worker, whose supervisor reloads)."""
-    app = create_app(config)
+    app = create_app(config, metrics_slot=metrics_slot)
 
     def hangup() -> None:
         assert load is not None

@@ -23,6 +23,9 @@ A worker exits when the supervisor dies (PR_SET_PDEATHSIG: it drains as on SIGTE
 worker that dies is replaced, after a delay that doubles with each quick failure; after
 MAX_QUICK_FAILURES in a row the supervisor stops the others and exits 1.
 
+The supervisor makes a directory for the workers' metrics files (metrics.py), where each
+slot's worker writes and any worker reads them all for a scrape; it is removed at exit.
+
 The first SIGTERM or SIGINT closes the supervisor's sockets and passes SIGTERM on, so every
 worker drains (server.py); a second one is passed on too, and cuts what is left. Workers
 ignore SIGINT and SIGHUP: Ctrl-C or a hangup reaches the whole process group, and the
@@ -38,9 +41,11 @@ import logging
 import multiprocessing
 import os
 import pickle
+import shutil
 import signal
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -50,6 +55,7 @@ from types import FrameType
 from typing import Any
 
 from sentinel_proxy.config import Config
+from sentinel_proxy.metrics import MetricsSlot, forget_worker
 from sentinel_proxy.reload import Loader, reread
 from sentinel_proxy.server import serve
 
@@ -172,6 +178,7 @@ class Supervisor:
         self._slots: list[_Slot] = []
         self._stopping = False
         self._status = 0
+        self._metrics_directory = ""
 
     def run(self) -> int:
         """Serve until stopped; the exit status (1 when a worker kept failing)."""
@@ -192,6 +199,7 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
         previous_wakeup = signal.set_wakeup_fd(wakeup_write)
+        self._metrics_directory = tempfile.mkdtemp(prefix="sentinel-metrics-")
         try:
             for slot in self._slots:
                 self._start(slot)
@@ -205,6 +213,7 @@ class Supervisor:
             os.close(wakeup_read)
             os.close(wakeup_write)
             self._close_sockets()
+            shutil.rmtree(self._metrics_directory, ignore_errors=True)
         return self._status
 
     def _turn(self, wakeup: int) -> None:
@@ -238,7 +247,15 @@ class Supervisor:
         updates_reader, updates = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_work,
-            args=(self.config, self._options, slot.sock, writer, os.getpid(), updates_reader),
+            args=(
+                self.config,
+                self._options,
+                slot.sock,
+                writer,
+                os.getpid(),
+                updates_reader,
+                MetricsSlot(self._metrics_directory, slot.index),
+            ),
             name=f"sentinel-proxy-worker-{slot.index}",
         )
         # SIG_IGN survives exec, so the worker (and multiprocessing's resource tracker, which
@@ -279,6 +296,7 @@ class Supervisor:
         if slot.updates is not None:
             slot.updates.close()
         slot.process, slot.ready_pipe, slot.updates, slot.ready = None, None, None, False
+        forget_worker(self._metrics_directory, slot.index)
         if self._stopping:
             return
         self._steer()
@@ -385,6 +403,7 @@ def _work(
     ready: Connection,
     parent: int,
     updates: Connection,
+    metrics: MetricsSlot,
 ) -> None:
     """A worker process: serve on `sock` until SIGTERM, or until the supervisor is gone;
     serve each configuration that arrives on `updates`."""
@@ -406,5 +425,6 @@ def _work(
             on_ready=notify,
             stop_signals=(signal.SIGTERM,),
             updates=updates,
+            metrics_slot=metrics,
         )
     )

@@ -215,6 +215,16 @@ def test_config_is_frozen() -> None:
         ),
         ("[server]\nmax_connections = 0", {}, "server.max_connections", "at least 1"),
         ("", {"SESSION_TTL_SECONDS": "day"}, "SESSION_TTL_SECONDS", "integer"),
+        ('[metrics]\nmodels = "gpt-4o"', {}, "metrics.models", "array"),
+        ('[metrics]\nmodels = ["ok", " padded"]', {}, "metrics.models[1]", "printable"),
+        ("[metrics]\nmodel = []", {}, "metrics.model", "unknown key"),
+        ('[tracing]\nconversation_key_env = "K"', {}, "tracing.conversation_key_env", "K is not"),
+        (
+            "",
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://",
+        ),
     ],
 )
 def test_bad_config_names_the_key(
@@ -594,3 +604,50 @@ def test_a_reload_keeps_the_running_value_of_what_needs_a_restart() -> None:
     assert config.upstream == replace(loaded.upstream, max_connections=DEFAULT_MAX_CONNECTIONS)
     assert (config.providers, config.debug) == (loaded.providers, loaded.debug)
     assert keep_restart_settings(running, running) == (running, [])
+
+
+def test_metrics_models(tmp_path: Path) -> None:
+    assert load_config(None, env={}).metrics.models == ()
+    config = load_config(write(tmp_path, '[metrics]\nmodels = ["gpt-4o", "o3"]'), env={})
+    assert config.metrics.models == ("gpt-4o", "o3")
+
+
+@pytest.mark.parametrize(
+    ("env", "endpoint"),
+    [
+        ({}, None),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}, "http://c:4318/v1/traces"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://t:443/traces",
+            },
+            "https://t:443/traces",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "True"}, None),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "false"},
+            "http://c:4318/v1/traces",
+        ),
+    ],
+)
+def test_tracing_follows_the_otel_variables(env: dict[str, str], endpoint: str | None) -> None:
+    tracing = load_config(None, env=env).tracing
+    assert tracing.endpoint == endpoint
+    assert tracing.service_name == "sentinel-proxy"
+
+
+def test_tracing_service_name_and_conversation_key(tmp_path: Path) -> None:
+    # None: the tracer makes a key of its own process; the session's shared key if any.
+    assert load_config(None, env={}).tracing.conversation_key is None
+    shared = load_config(
+        write(tmp_path, '[session]\nimplicit_key_env = "H"'), env={"H": "h" * 16}
+    ).tracing.conversation_key
+    assert shared == Secret("h" * 16)
+    config = load_config(
+        write(tmp_path, '[tracing]\nconversation_key_env = "TRACE_KEY"'),
+        env={"TRACE_KEY": "k" * 32, "OTEL_SERVICE_NAME": "gateway-eu"},
+    )
+    assert config.tracing.conversation_key == Secret("k" * 32)
+    assert config.tracing.service_name == "gateway-eu"
+    assert "kkkk" not in repr(config)

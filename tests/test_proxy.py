@@ -137,7 +137,8 @@ async def test_upstream_failures_become_openai_errors(
     assert response.status_code == status
     error_json = response.json()["error"]
     assert error_json["code"] == code and error_json["type"] == "server_error"
-    assert set(error_json) == {"message", "type", "param", "code"}
+    assert set(error_json) == {"message", "type", "param", "code", "request_id"}
+    assert error_json["request_id"] == response.headers["x-request-id"]
 
 
 @pytest.mark.parametrize(
