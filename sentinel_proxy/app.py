@@ -157,6 +157,8 @@ def create_app(
             metrics = Metrics(runtime.config, metrics_slot)
             resources.callback(metrics.close)
             made = store_factory(runtime.config, accept)
+            if isinstance(made, NearCache):
+                made.count = metrics.near_cache
             breaker = made.breaker if isinstance(made, RedisStore | NearCache) else None
             store = MeteredStore(made, metrics, breaker)
             resources.push_async_callback(store.aclose)

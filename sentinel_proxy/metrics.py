@@ -305,6 +305,13 @@ class Metrics:
             (),
             STORE_BUCKETS,
         )
+        near = _Counter(
+            counters,
+            "sentinel_near_cache",
+            "Near-cache lookups (hit, miss) and the keys Redis invalidated in it (invalidation).",
+            ("event",),
+        )
+        self._near_cells = {event: near.cell(event) for event in ("hit", "miss", "invalidation")}
         self.open_streams = Gauge(gauges, "sentinel_open_streams", "Responses being relayed now.")
         self._breaker_open = Gauge(
             gauges,
@@ -351,6 +358,9 @@ class Metrics:
         self._store_latency.observe(seconds)
         if not ok:
             self._counters.cells[self._store_errors] += 1
+
+    def near_cache(self, event: str) -> None:
+        self._counters.cells[self._near_cells[event]] += 1
 
     def breaker_open(self, is_open: bool) -> None:
         self._breaker_open.set(1.0 if is_open else 0.0)

@@ -74,7 +74,8 @@ class NearCache:
         self._tracker = Tracker(
             url, timeout=timeout, on_invalidate=self._invalidate, on_down=self._flush
         )
-        self.hits = self.misses = self.invalidations = 0
+        # Told of each "hit", "miss" and "invalidation" (the metrics).
+        self.count: Callable[[str], None] = _ignore
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -97,11 +98,11 @@ class NearCache:
             now = self._clock()
             if now < entry.expires:
                 self._entries.move_to_end(key)
-                self.hits += 1
+                self.count("hit")
                 self._renew_if_due(key, entry, now)
                 return entry.session, False
             self._drop(key)
-        self.misses += 1
+        self.count("miss")
         if self._tracker.live and self._store.breaker.state == "closed":
             entry = await self._read(key, conversation_id, external_id)
             if entry is not None:
@@ -245,9 +246,13 @@ class NearCache:
             self._flush()
             return
         for key in keys:
-            self.invalidations += 1
+            self.count("invalidation")
             self._drop(key.decode("utf-8", "surrogateescape"))
 
     def _flush(self) -> None:
         self._entries.clear()
         self._bytes = 0
+
+
+def _ignore(event: str) -> None:
+    pass
