@@ -18,6 +18,12 @@ Redis and the nginx mock on the second CPU, a conversation id in every body.
 Either side may be `reference` instead of a commit: the aiohttp reference proxy of
 bench/run.py. `bench/duel.py reference HEAD` is then the throughput goal measured paired:
 sentinel-proxy's requests per core as a fraction of the reference's.
+
+Scenarios: `--extra TOML` is appended to sentinel-proxy's configuration (its first lines
+still belong to the provider's table), `--base-extra`/`--candidate-extra` to one side's
+only; `--wrk-arg` passes an argument to wrk/chat.lua (key=..., model=..., implicit);
+`--env NAME=VALUE` sets a variable for sentinel-proxy (a provider key, an HMAC key);
+`--redis-delay-ms N` puts Redis behind a relay that holds each read N/2 ms each way.
 """
 
 from __future__ import annotations
@@ -49,14 +55,19 @@ def worktree(tmp: Path, role: str, commit: str) -> Path:
     return path
 
 
-def start_sentinel(env: Env, tree: Path, name: str, upstream: str) -> tuple[int, run.Proc]:
+def start_sentinel(
+    env: Env, tree: Path, name: str, upstream: str, extra: str = ""
+) -> tuple[int, run.Proc]:
     port = run.free_port(env.ports)
+    config = run.sentinel_config(env, upstream, extra, name=f"-{name}")
     argv = [
-        env.python, "-m", "sentinel_proxy", "--config", str(run.sentinel_config(env, upstream)),
+        env.python, "-m", "sentinel_proxy", "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
     ]  # fmt: skip
+    variables = dict(os.environ)
+    variables.update(item.split("=", 1) for item in env.args.env)
     # `python -m` puts the working directory first on sys.path: the worktree's package wins.
-    proc = env.procs.start(name, argv, str(env.proxy_cpu), cwd=tree)
+    proc = env.procs.start(name, argv, str(env.proxy_cpu), env=variables, cwd=tree)
     ready = f"http://127.0.0.1:{port}/readyz"
     run.wait_until(f"{name} {ready} = 200", lambda: run.http_status(ready)[0] == 200, proc, 60)
     return port, proc
@@ -77,6 +88,7 @@ def paired_round(env: Env, ports: tuple[int, int], seconds: float) -> list[int]:
                 seconds=seconds,
                 stream=args.stream,
                 pool=args.pool,
+                extra=args.wrk_arg,
             ),
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -105,6 +117,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--conns", type=int, default=64, help="connections of each wrk")
     parser.add_argument("--pool", type=int, default=10_000, help="distinct conversation ids")
     parser.add_argument("--echo-module", help="path of ngx_http_echo_module.so")
+    parser.add_argument("--extra", default="", help="TOML appended to both sides' config")
+    parser.add_argument("--base-extra", default="", help="TOML appended to the base's config")
+    parser.add_argument(
+        "--candidate-extra", default="", help="TOML appended to the candidate's config"
+    )
+    parser.add_argument(
+        "--wrk-arg", action="append", default=[], help="an argument of wrk/chat.lua"
+    )
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for sentinel-proxy")
+    parser.add_argument(
+        "--redis-delay-ms", type=float, default=0.0, help="Redis behind a relay this slow"
+    )
     return parser.parse_args(argv)
 
 
@@ -126,21 +150,30 @@ def main(argv: list[str] | None = None) -> int:
         env.python = str(venv_python)
     trees: list[Path] = []
     upstream = "sse" if args.stream else "json"
+    relay = None
     try:
         run.start_redis(env)
         run.start_nginx(env)
+        if args.redis_delay_ms:
+            relay = run.delayed_redis(env, args.redis_delay_ms / 1000)
         ports = []
+        extras = {"base": args.base_extra, "candidate": args.candidate_extra}
         for role, commit in (("base", args.base), ("candidate", args.candidate)):
             if commit == REFERENCE:
                 port = run.start_target(env, "aiohttp", upstream, str(env.proxy_cpu)).port
                 log(f"{role}: the reference proxy on :{port}")
             else:
                 trees.append(worktree(tmp, role, commit))
-                port, _ = start_sentinel(env, trees[-1], role, upstream)
-                failed = asyncio.run(clients.prime(port, args.pool))
-                log(f"{role} {commit} on :{port}; primed {args.pool} ids, {failed} failed")
+                extra = args.extra + extras[role]
+                port, _ = start_sentinel(env, trees[-1], role, upstream, extra)
+                if args.wrk_arg:
+                    log(f"{role} {commit} on :{port}; the warm-up primes its ids")
+                else:
+                    failed = asyncio.run(clients.prime(port, args.pool))
+                    log(f"{role} {commit} on :{port}; primed {args.pool} ids, {failed} failed")
             ports.append(port)
-        paired_round(env, (ports[0], ports[1]), 2)  # warm-up
+        # With wrk arguments the warm-up goes round the whole pool (it primes the sessions).
+        paired_round(env, (ports[0], ports[1]), max(2.0, args.pool / 400) if args.wrk_arg else 2)
         ratios = []
         for number in range(1, args.rounds + 1):
             base, candidate = paired_round(env, (ports[0], ports[1]), args.seconds)
@@ -151,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: {exc}; logs in {tmp}")
         return 1
     finally:
+        if relay is not None:
+            relay.stop()
         if env.redis:
             env.redis.close()
         env.procs.stop_all()

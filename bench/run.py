@@ -35,7 +35,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
@@ -382,14 +382,22 @@ class Env:
 
 
 def wrk_argv(
-    cpus: str, port: int, *, conns: int, seconds: float, stream: bool, pool: int
+    cpus: str,
+    port: int,
+    *,
+    conns: int,
+    seconds: float,
+    stream: bool,
+    pool: int,
+    extra: Sequence[str] = (),
 ) -> list[str]:
-    """wrk on `cpus`, one thread, POSTing the chat body of wrk/chat.lua to port."""
+    """wrk on `cpus`, one thread, POSTing the chat body of wrk/chat.lua to port; `extra`
+    are more arguments of that script (key=..., model=..., implicit)."""
     return [
         "taskset", "-c", cpus,
         "wrk", "-t1", f"-c{conns}", f"-d{max(1, round(seconds))}s", "--timeout", "5s",
         "-s", str(WRK_SCRIPT), f"http://127.0.0.1:{port}{clients.CHAT_PATH}",
-        "--", *(["stream"] if stream else []), f"pool={pool}",
+        "--", *(["stream"] if stream else []), f"pool={pool}", *extra,
     ]  # fmt: skip
 
 
@@ -499,6 +507,21 @@ def start_redis(env: Env) -> None:
     wait_until("redis PING", lambda: bool(env.redis and env.redis.client.ping()), proc, 15)
 
 
+def delayed_redis(env: Env, seconds: float) -> Any:
+    """Put the benchmark's Redis behind a relay that holds each read `seconds`/2 each way
+    (the fault relay of the tests), on the load CPU: sentinel-proxy then talks to Redis as
+    across a network. Returns the relay (stop() it)."""
+    sys.path.insert(0, str(ROOT))
+    from tests.support.fault_relay import FaultRelay
+
+    relay = FaultRelay(("127.0.0.1", env.redis_port))
+    relay.start()
+    relay.delay(seconds / 2)
+    env.redis_port = relay.port
+    log(f"redis behind a relay on :{relay.port}, {seconds * 1000:g} ms a round trip")
+    return relay
+
+
 def start_nginx(env: Env) -> None:
     prefix = env.tmp / "nginx"
     prefix.mkdir()
@@ -528,15 +551,17 @@ def start_nginx(env: Env) -> None:
         wait_until(f"nginx {name} port", lambda p=port: tcp_open(p), proc, 15)  # type: ignore[misc]
 
 
-def sentinel_config(env: Env, upstream: str) -> Path:
-    path = env.tmp / f"sentinel-{upstream}.toml"
+def sentinel_config(env: Env, upstream: str, extra: str = "", name: str = "") -> Path:
+    """sentinel-proxy's config: one provider, the nginx mock; `extra` is TOML appended to
+    it (so its first lines still belong to the provider's table)."""
+    path = env.tmp / f"sentinel-{upstream}{name}.toml"
     path.write_text(
         "[session]\n"
         f'redis_url = "redis://127.0.0.1:{env.redis_port}/0"\n'
         "\n"
         "[[providers]]\n"
         'name = "mock"\n'
-        f'base_url = "http://127.0.0.1:{env.upstream_ports[upstream]}/v1"\n'
+        f'base_url = "http://127.0.0.1:{env.upstream_ports[upstream]}/v1"\n' + extra
     )
     return path
 

@@ -11,6 +11,10 @@
 --   The request path is the URL's path ("/v1/chat/completions" when the URL has none).
 --   stream   add "stream": true to the body, and expect an SSE body ending in [DONE]
 --   pool=N   number of distinct conversation ids (default 10000)
+--   key=K    send "Authorization: Bearer K" (default sk-bench)
+--   model=M  the model the body names (default gpt-4o-mini)
+--   implicit no conversation id: a 4 KB system prompt and a first user message of
+--            its own per pool entry, for a proxy that derives implicit sessions
 --
 -- Errors: wrk's socket errors (connect, read, write, timeout), responses whose
 -- status is not 2xx, and 2xx responses with the wrong body (a non-streaming
@@ -18,10 +22,15 @@
 -- done() prints one machine-readable line:  BENCH_RESULT {json}
 -- ("statuses" counts the non-2xx responses by status code).
 
-local BODY = '{"model":"gpt-4o-mini","messages":['
+local BODY = '{"model":"%s","messages":['
   .. '{"role":"system","content":"You are a helpful assistant."},'
   .. '{"role":"user","content":"Benchmark request: reply with a short sentence."}],'
   .. '"conversation_id":"bench-%d"%s}'
+-- Implicit sessions: the conversation is known by its system prompt and first message.
+local IMPLICIT_BODY = '{"model":"%s","messages":['
+  .. '{"role":"system","content":"%s"},'
+  .. '{"role":"user","content":"Conversation %d: reply with a short sentence."}]%s}'
+local SYSTEM_4K = string.rep("You are a careful assistant who answers briefly. ", 82)
 
 local threads = {}
 local next_id = 0
@@ -43,17 +52,23 @@ statuses = {}
 
 function init(args)
   local stream = false
+  local implicit = false
   local pool = 10000
+  local key = "sk-bench"
+  local model = "gpt-4o-mini"
   for _, arg in ipairs(args) do
     if arg == "stream" then
       stream = true
+    elseif arg == "implicit" then
+      implicit = true
+    elseif string.match(arg, "^pool=%d+$") then
+      pool = tonumber(string.match(arg, "^pool=(%d+)$"))
+    elseif string.match(arg, "^key=") then
+      key = string.sub(arg, 5)
+    elseif string.match(arg, "^model=") then
+      model = string.sub(arg, 7)
     else
-      local n = string.match(arg, "^pool=(%d+)$")
-      if n then
-        pool = tonumber(n)
-      else
-        error("unknown argument: " .. arg)
-      end
+      error("unknown argument: " .. arg)
     end
   end
   if stream then
@@ -62,7 +77,7 @@ function init(args)
 
   local headers = {
     ["Content-Type"] = "application/json",
-    ["Authorization"] = "Bearer sk-bench",
+    ["Authorization"] = "Bearer " .. key,
   }
   local path = wrk.path
   if path == nil or path == "" or path == "/" then
@@ -79,7 +94,12 @@ function init(args)
     order[i], order[j] = order[j], order[i]
   end
   for i = 1, pool do
-    local body = string.format(BODY, order[i], extra)
+    local body
+    if implicit then
+      body = string.format(IMPLICIT_BODY, model, SYSTEM_4K, order[i], extra)
+    else
+      body = string.format(BODY, model, order[i], extra)
+    end
     requests_pool[i] = wrk.format("POST", path, headers, body)
   end
 end
