@@ -36,6 +36,8 @@ from sentinel_proxy.routing import Router
 from sentinel_proxy.sessions import (
     CircuitBreaker,
     MemoryStore,
+    RedisClusterStore,
+    RedisSentinelStore,
     RedisStore,
     Session,
     SessionStore,
@@ -57,20 +59,45 @@ def create_store(config: Config, router: Router) -> SessionStore:
     def accept(session: Session) -> bool:
         return router.pinned(session.provider, session.model) is not None
 
+    def breaker() -> CircuitBreaker:
+        return CircuitBreaker(
+            failures=settings.breaker_failures, reset_seconds=settings.breaker_reset_seconds
+        )
+
+    ttl, timeout = settings.ttl_seconds, settings.timeout_seconds
+    size = settings.redis_max_connections
+    if settings.sentinels:
+        assert settings.sentinel_service is not None
+        return RedisSentinelStore(
+            # Its host is not used: the sentinels name the primary.
+            settings.redis_url.reveal() if settings.redis_url else "redis://",
+            sentinels=settings.sentinels,
+            service=settings.sentinel_service,
+            ttl_seconds=ttl,
+            timeout=timeout,
+            max_connections=size,
+            breaker=breaker(),
+            accept=accept,
+        )
     if settings.redis_url is None:
         return MemoryStore(
-            ttl_seconds=settings.ttl_seconds,
-            max_sessions=settings.memory_max_sessions,
+            ttl_seconds=ttl, max_sessions=settings.memory_max_sessions, accept=accept
+        )
+    if settings.cluster:
+        return RedisClusterStore(
+            settings.redis_url.reveal(),
+            ttl_seconds=ttl,
+            timeout=timeout,
+            max_connections=size,
+            breakers=breaker,
             accept=accept,
         )
     return RedisStore(
         settings.redis_url.reveal(),
-        ttl_seconds=settings.ttl_seconds,
-        timeout=settings.timeout_seconds,
-        max_connections=settings.redis_max_connections,
-        breaker=CircuitBreaker(
-            failures=settings.breaker_failures, reset_seconds=settings.breaker_reset_seconds
-        ),
+        ttl_seconds=ttl,
+        timeout=timeout,
+        max_connections=size,
+        breaker=breaker(),
         accept=accept,
     )
 
