@@ -13,7 +13,8 @@ itself stays within 5%.
 
 Prints the candidate's throughput over the base's for each round and their median: 1.10
 means the candidate serves 10% more requests on the same CPU. Same set-up as bench/run.py:
-Redis and the nginx mock on the second CPU, a conversation id in every body.
+Redis and the nginx mock on the second CPU, a conversation id in every body. With --cluster,
+both keep their sessions in a Redis Cluster of three masters there (`cluster = true`).
 
 Either side may be `reference` instead of a commit: the aiohttp reference proxy of
 bench/run.py. `bench/duel.py reference HEAD` is then the throughput goal measured paired:
@@ -51,8 +52,9 @@ def worktree(tmp: Path, role: str, commit: str) -> Path:
 
 def start_sentinel(env: Env, tree: Path, name: str, upstream: str) -> tuple[int, run.Proc]:
     port = run.free_port(env.ports)
+    config = run.sentinel_config(env, upstream, cluster=env.args.cluster)
     argv = [
-        env.python, "-m", "sentinel_proxy", "--config", str(run.sentinel_config(env, upstream)),
+        env.python, "-m", "sentinel_proxy", "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
     ]  # fmt: skip
     # `python -m` puts the working directory first on sys.path: the worktree's package wins.
@@ -104,6 +106,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", action="store_true", help="streaming requests")
     parser.add_argument("--conns", type=int, default=64, help="connections of each wrk")
     parser.add_argument("--pool", type=int, default=10_000, help="distinct conversation ids")
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help=f"sessions in a Redis Cluster of {run.CLUSTER_MASTERS} masters (cluster = true)",
+    )
     parser.add_argument("--echo-module", help="path of ngx_http_echo_module.so")
     return parser.parse_args(argv)
 
@@ -128,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     upstream = "sse" if args.stream else "json"
     try:
         run.start_redis(env)
+        if args.cluster:
+            run.start_cluster(env)
         run.start_nginx(env)
         ports = []
         for role, commit in (("base", args.base), ("candidate", args.candidate)):
@@ -151,8 +160,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: {exc}; logs in {tmp}")
         return 1
     finally:
-        if env.redis:
-            env.redis.close()
+        for stats in (env.redis, env.cluster):
+            if stats:
+                stats.close()
         env.procs.stop_all()
         for tree in trees:
             subprocess.run(
@@ -160,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True, timeout=60,
             )  # fmt: skip
     mode = "streaming" if args.stream else "non-streaming"
+    if args.cluster:
+        mode += f", sessions in a {run.CLUSTER_MASTERS}-master Redis Cluster"
     print(
         f"{args.candidate} vs {args.base}, {mode}, {args.conns} connections each, "
         f"{args.rounds} rounds "
