@@ -8,6 +8,9 @@
 - ``redis_cluster`` (session): a ``RedisCluster`` of three masters with a replica each
   (``.url``, ``.masters()``, ``.owner(key)``, ``.kill(node)``, ``.promote(replica)``);
   ``cluster`` (function): the same, healthy and emptied.
+- ``redis_sentinels`` (session): ``RedisSentinels``, a primary, a replica and three sentinels
+  watching ``mymaster`` (``.addresses``, ``.primary()``, ``.failover()``, ``.kill(server)``);
+  ``sentinels`` (function): the same, healthy, the primary emptied.
 - ``upstream`` (function): a started ``UpstreamStub``.
 - ``start_proxy`` (function): ``start_proxy(config, env=None, **options) -> ProxyProcess``.
 - ``openai_client`` (function): ``openai_client(proxy_or_base_url, **options) -> openai.OpenAI``.
@@ -30,6 +33,7 @@ from tests.support.proxy_process import (
     make_openai_client,
 )
 from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_sentinel import RedisSentinels
 from tests.support.redis_server import RedisServer, RedisServerNotFound
 from tests.support.upstream_stub import UpstreamStub
 
@@ -89,6 +93,29 @@ def cluster(redis_cluster: RedisCluster) -> Iterator[RedisCluster]:
     redis_cluster.flushall()
     yield redis_cluster
     redis_cluster.wait_healthy()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinels]:
+    """A private primary, replica and three sentinels (about 2 s to start)."""
+    try:
+        setup = RedisSentinels(tmp_path_factory.mktemp("sentinel"))
+    except RedisServerNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def sentinels(redis_sentinels: RedisSentinels) -> Iterator[RedisSentinels]:
+    """The private Sentinel set-up, healthy and its primary emptied; healthy again after."""
+    redis_sentinels.wait_healthy()
+    redis_sentinels.primary().flushall()
+    yield redis_sentinels
+    redis_sentinels.wait_healthy()
 
 
 @pytest.fixture

@@ -327,3 +327,64 @@ def test_a_connection_cap_beyond_the_file_limit_is_refused(tmp_path: Path) -> No
         load_config(write(tmp_path, f"[server]\nmax_connections = {most + 1}"), env={})
     assert info.value.key == "server.max_connections"
     assert f"hard limit of {hard}" in str(info.value)
+
+
+def test_cluster_and_sentinel_settings(tmp_path: Path) -> None:
+    default = load_config(None, env={}).session
+    assert (default.cluster, default.sentinels, default.sentinel_service) == (False, (), None)
+    text = '[session]\nredis_url = "redis://10.0.0.5:7000"\ncluster = true\n'
+    assert load_config(write(tmp_path, text), env={}).session.cluster
+    text = (
+        '[session]\nsentinels = ["10.0.0.7:26379", "sentinel-b:26380", "[::1]:26381"]\n'
+        'sentinel_service = "mymaster"\n'
+    )
+    session = load_config(write(tmp_path, text), env={}, overrides={"workers": 2}).session
+    assert session.sentinels == (("10.0.0.7", 26379), ("sentinel-b", 26380), ("::1", 26381))
+    assert (session.sentinel_service, session.redis_url) == ("mymaster", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("cluster = true", "session.cluster", "needs session.redis_url"),
+        ('redis_url = "redis://h:1/2"\ncluster = true', "session.redis_url", "database 0"),
+        ('redis_url = "unix:///tmp/r.sock"\ncluster = true', "session.redis_url", "TCP"),
+        ('redis_url = "redis://h:1"\ncluster = "yes"', "session.cluster", "true or false"),
+        (
+            'redis_url = "redis://h:1"\ncluster = true\nsentinels = ["h:2"]\n'
+            'sentinel_service = "m"',
+            "session.sentinels",
+            "cannot go with session.cluster",
+        ),
+        ('sentinels = ["h:26379"]', "session.sentinel_service", "required"),
+        ('sentinel_service = "m"', "session.sentinel_service", "needs session.sentinels"),
+        ('sentinels = []\nsentinel_service = "m"', "session.sentinels", "non-empty array"),
+        ('sentinels = "h:1"\nsentinel_service = "m"', "session.sentinels", "non-empty array"),
+        ('sentinels = ["h"]\nsentinel_service = "m"', "session.sentinels", "[0] must be"),
+        ('sentinels = ["h:1", "h:0"]\nsentinel_service = "m"', "session.sentinels", "[1] must"),
+        ('sentinels = ["h:70000"]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = [":1"]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = ["h:1/x"]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = [26379]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = ["h:1", "h:1"]\nsentinel_service = "m"', "session.sentinels", "twice"),
+        ('sentinels = ["h:1"]\nsentinel_service = " m"', "session.sentinel_service", "printable"),
+        (
+            'redis_url = "unix:///tmp/r.sock"\nsentinels = ["h:1"]\nsentinel_service = "m"',
+            "session.redis_url",
+            "not unix://",
+        ),
+    ],
+)
+def test_bad_cluster_and_sentinel_settings_name_the_key(
+    tmp_path: Path, text: str, key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[session]\n{text}\n"), env={})
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_sentinels_are_a_shared_store_for_workers(tmp_path: Path) -> None:
+    text = '[session]\nsentinels = ["h:26379"]\nsentinel_service = "m"\n'
+    config = load_config(write(tmp_path, text), env={}, overrides={"workers": 3})
+    assert config.server.workers == 3

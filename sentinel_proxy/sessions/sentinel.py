@@ -80,8 +80,14 @@ class RedisSentinelStore(RedisStore):
         return self._route(key)
 
     async def _nodes(self) -> list[_Node]:
-        if self._primary is None:
+        # The readiness probe asks the sentinels each time: a failover forced by an operator
+        # leaves the old primary taking writes until the sentinels demote it, up to 10 s
+        # later, and nothing fails meanwhile to make the store look.
+        try:
             await self._lookup.now(self._timeout)
+        except (RedisError, OSError, TimeoutError):
+            if self._primary is None:
+                raise
         return [self._node]
 
     def _suspect(self, node: _Node) -> None:
