@@ -128,7 +128,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         store = store_factory(config, router)
-        upstream = Upstream(config.upstream, transport=transport)
+        upstream = Upstream(config.upstream, transport=transport, providers=config.providers)
         try:
             if not await store.ping():
                 logger.warning("the session store does not answer yet; /readyz reports it")

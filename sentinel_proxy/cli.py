@@ -1,6 +1,6 @@
 """The `sentinel-proxy` command: load the configuration once, then serve it, in this
 process or under the supervisor of `--workers N` (which hands the workers that same
-configuration)."""
+configuration). `sentinel-proxy check-config [PATH]` loads it and prints it instead."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ import argparse
 import logging.config
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from sentinel_proxy import __version__
+from sentinel_proxy.check import describe
 from sentinel_proxy.config import LOG_LEVELS, Config, file_descriptors, load_config
 from sentinel_proxy.exceptions import ConfigError
 from sentinel_proxy.logs import logging_config
@@ -43,24 +44,42 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-format", choices=("text", "json"), help="log line format (default text)"
     )
+    parser.add_argument(
+        "--demo",
+        action="store_true",
+        help="serve two built-in demo providers, demo-a and demo-b, behind the alias 'demo': "
+        "no network, no key; the configuration file may set anything but providers and models",
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(
+        dest="command", title="commands (none: serve)", metavar="[COMMAND]"
+    )
+    check = commands.add_parser(
+        "check-config",
+        help="check a configuration and print its routing table, without starting",
+        description="Load a configuration as the proxy would (file, environment, --demo) and "
+        "print its routing table; exit 0, or 2 with one line naming the key at fault.",
+    )
+    check.add_argument(
+        "path", nargs="?", metavar="PATH", help="TOML file (default: --config, $SENTINEL_CONFIG)"
+    )
+    # SUPPRESS: absent here, the --demo given before the command stands.
+    check.add_argument(
+        "--demo", action="store_true", default=argparse.SUPPRESS, help="as the proxy's --demo"
+    )
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    overrides = {
-        "host": args.host,
-        "port": args.port,
-        "workers": args.workers,
-        "log_level": args.log_level,
-        "log_format": args.log_format,
-    }
     try:
-        config = load_config(args.config, env=os.environ, overrides=overrides)
+        config = resolve_config(args, os.environ)
     except ConfigError as exc:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
+    if args.command == "check-config":
+        sys.stdout.write(describe(config))
+        return 0
     # Before any worker starts: workers inherit the limit.
     raise_file_limit(file_descriptors(config))
     options = uvicorn_options(config)
@@ -68,6 +87,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return serve(config, options)
     logging.config.dictConfig(options["log_config"])
     return run_workers(config, uvicorn_options)
+
+
+def resolve_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:
+    """The configuration that parsed command-line `args` start with."""
+    overrides = {
+        "host": args.host,
+        "port": args.port,
+        "workers": args.workers,
+        "log_level": args.log_level,
+        "log_format": args.log_format,
+    }
+    path = getattr(args, "path", None) or args.config
+    return load_config(path, env=env, overrides=overrides, demo=args.demo)
 
 
 def uvicorn_options(config: Config) -> dict[str, Any]:

@@ -25,6 +25,11 @@ DEFAULT_UPSTREAM_URL = "https://api.openai.com/v1"
 DEFAULT_PROVIDER_NAME = "openai"
 DEFAULT_SESSION_TTL = 86_400
 DEFAULT_SESSION_HEADER = "x-conversation-id"
+BODY_ID_FIELD = "conversation_id"
+# Body fields offered as id sources; a header source may name any header but reserved ones.
+_BODY_ID_FIELDS = frozenset({BODY_ID_FIELD, "prompt_cache_key", "user"})
+# An HMAC key shorter than this is refused.
+MIN_HASH_KEY_BYTES = 16
 DEFAULT_STORE_TIMEOUT = 0.25
 DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_RESET = 5.0
@@ -57,6 +62,11 @@ MAX_SECONDS = 7 * 86_400
 MAX_WORKERS = 256
 # Provider and model names travel in response headers, metric labels and log lines.
 MAX_NAME_LENGTH = 256
+# --demo: providers on a reserved domain (RFC 2606: `.invalid` never resolves), answered by
+# the in-process demo upstream (demo.py), behind one alias of equal weights.
+DEMO_DOMAIN = "sentinel.invalid"
+DEMO_ALIAS = "demo"
+DEMO_TARGETS = (("demo-a", "demo-small"), ("demo-b", "demo-large"))
 # Headers that mean something else to HTTP or to the proxy: never a conversation id.
 _RESERVED_HEADERS = frozenset(
     {
@@ -117,6 +127,27 @@ class Secret:
 
 
 @dataclass(frozen=True, slots=True)
+class IdSource:
+    """Where a conversation id may come from: a top-level body field or a header."""
+
+    kind: Literal["body", "header"]
+    name: str
+    # The proxy's own (conversation_id, x-conversation-id): removed before forwarding. The
+    # others belong to the client's protocol and go upstream as sent.
+    owned: bool
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}:{self.name}"
+
+
+DEFAULT_ID_SOURCES = (
+    IdSource("body", BODY_ID_FIELD, owned=True),
+    IdSource("header", DEFAULT_SESSION_HEADER, owned=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Provider:
     name: str
     base_url: str
@@ -124,6 +155,10 @@ class Provider:
     # when forward_client_key is set, and no credentials otherwise.
     api_key: Secret | None = None
     forward_client_key: bool = False
+    # Send a prompt_cache_key derived from the session when the client sent none.
+    prompt_cache: bool = False
+    # The variable the key was read from: what check-config shows instead of the key.
+    api_key_env: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +174,8 @@ class Alias:
     # Weight 0 targets are configured but never selected.
     targets: tuple[Target, ...]
     on_target_failure: TargetFailureMode = "reselect"
+    # A request with no conversation id gets one from the start of its conversation.
+    implicit_sessions: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,7 +217,10 @@ class ServerConfig:
 class SessionConfig:
     redis_url: Secret | None = None
     ttl_seconds: int = DEFAULT_SESSION_TTL
-    header: str = DEFAULT_SESSION_HEADER
+    # In order: the first present gives the conversation id.
+    id_sources: tuple[IdSource, ...] = DEFAULT_ID_SOURCES
+    # The HMAC key of implicit session ids and prompt-cache keys, the same on every replica.
+    hash_key: Secret | None = None
     on_store_error: StoreErrorMode = "closed"
     # The whole budget of one store call, pool wait included.
     timeout_seconds: float = DEFAULT_STORE_TIMEOUT
@@ -232,6 +272,8 @@ class Config:
     upstream: UpstreamConfig = UpstreamConfig()
     debug: DebugConfig = DebugConfig()
     source: str = "defaults"
+    # Loaded for --demo: providers and aliases are the built-in demo ones.
+    demo: bool = False
 
     def provider(self, name: str) -> Provider | None:
         for provider in self.providers:
@@ -245,8 +287,10 @@ def load_config(
     *,
     env: Mapping[str, str],
     overrides: Mapping[str, Any] | None = None,
+    demo: bool = False,
 ) -> Config:
-    """Build the configuration, or raise ConfigError naming the offending key."""
+    """Build the configuration, or raise ConfigError naming the offending key. With `demo`,
+    the providers and aliases are the built-in demo ones and the file may name none."""
     path = path or env.get("SENTINEL_CONFIG") or None
     raw = _read_toml(path) if path else {}
     _only(
@@ -256,8 +300,11 @@ def load_config(
     )
     server = _server(_table(raw, "server"), env, overrides or {})
     session = _session(_table(raw, "session"), env)
-    providers = _providers(raw.get("providers"), env)
-    aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
+    if demo:
+        providers, aliases = _demo_routing(raw)
+    else:
+        providers = _providers(raw.get("providers"), env)
+        aliases = _aliases(_table(raw, "models"), {p.name for p in providers})
     routing = _routing(_table(raw, "routing"), aliases)
     users = _users(raw.get("users"), aliases, providers)
     config = Config(
@@ -270,7 +317,14 @@ def load_config(
         upstream=_upstream(_table(raw, "upstream")),
         debug=_debug(_table(raw, "debug")),
         source=path or "defaults",
+        demo=demo,
     )
+    implicit = [name for name, alias in aliases.items() if alias.implicit_sessions]
+    if implicit and session.hash_key is None:
+        raise ConfigError(
+            f"models.{implicit[0]}.implicit_sessions",
+            "needs session.implicit_key_env: the HMAC key, the same on every replica",
+        )
     if not session.shared and server.workers > 1:
         raise ConfigError(
             "server.workers",
@@ -395,6 +449,8 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
             "redis_url",
             "ttl_seconds",
             "header",
+            "id_sources",
+            "implicit_key_env",
             "on_store_error",
             "timeout_seconds",
             "breaker_failures",
@@ -414,11 +470,18 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
     redis_url = merged.get("redis_url")
     if redis_url is not None:
         redis_url = _redis_url(_str(merged, "session.", "redis_url", ""))
-    header = _str(merged, "session.", "header", DEFAULT_SESSION_HEADER).lower()
-    if not header.isascii() or not all(c.isalnum() or c == "-" for c in header):
-        raise ConfigError("session.header", "must be an HTTP header name")
-    if header in _RESERVED_HEADERS or header.startswith("x-sentinel-"):
-        raise ConfigError("session.header", f"{header} means something else: choose another")
+    id_sources = _id_sources(merged)
+    hash_key = None
+    if "implicit_key_env" in merged:
+        variable = _str(merged, "session.", "implicit_key_env", None)
+        value = env.get(variable, "")
+        if len(value.encode()) < MIN_HASH_KEY_BYTES:
+            raise ConfigError(
+                "session.implicit_key_env",
+                f"environment variable {variable} must hold at least {MIN_HASH_KEY_BYTES} "
+                "bytes (the same on every replica)",
+            )
+        hash_key = Secret(value)
     mode = _str(merged, "session.", "on_store_error", "closed")
     if mode not in ("closed", "open"):
         raise ConfigError("session.on_store_error", 'must be "closed" or "open"')
@@ -445,7 +508,8 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
         ttl_seconds=_int(
             merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1, high=MAX_SESSION_TTL
         ),
-        header=header,
+        id_sources=id_sources,
+        hash_key=hash_key,
         on_store_error=mode,  # type: ignore[arg-type]
         timeout_seconds=_float(merged, "session.", "timeout_seconds", DEFAULT_STORE_TIMEOUT),
         breaker_failures=_int(
@@ -491,14 +555,62 @@ def _sentinels(raw: Any) -> tuple[tuple[str, int], ...]:
     return tuple(found)
 
 
+def _id_sources(raw: Mapping[str, Any]) -> tuple[IdSource, ...]:
+    if "header" in raw:
+        # The older spelling: our body field, then this header instead of x-conversation-id.
+        if "id_sources" in raw:
+            raise ConfigError(
+                "session.header", 'drop it: id_sources says it ("header:<name>") and more'
+            )
+        header = _header_name(raw["header"], "session.header")
+        return (DEFAULT_ID_SOURCES[0], IdSource("header", header, owned=True))
+    if "id_sources" not in raw:
+        return DEFAULT_ID_SOURCES
+    listed = raw["id_sources"]
+    if not isinstance(listed, list) or not listed:
+        raise ConfigError("session.id_sources", "must be a non-empty array of sources")
+    sources: list[IdSource] = []
+    for index, item in enumerate(listed):
+        key = f"session.id_sources[{index}]"
+        kind, _, name = item.partition(":") if isinstance(item, str) else ("", "", "")
+        if kind == "body" and name in _BODY_ID_FIELDS:
+            source = IdSource("body", name, owned=name == BODY_ID_FIELD)
+        elif kind == "header":
+            name = _header_name(name, key)
+            source = IdSource("header", name, owned=name == DEFAULT_SESSION_HEADER)
+        else:
+            raise ConfigError(
+                key,
+                f'must be "header:<name>" or "body:<field>" with a field of '
+                f"{sorted(_BODY_ID_FIELDS)}",
+            )
+        if source in sources:
+            raise ConfigError(key, f"{source.label} is listed twice")
+        sources.append(source)
+    return tuple(sources)
+
+
+def _header_name(value: object, key: str) -> str:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(key, "must be an HTTP header name")
+    header = value.lower()
+    if not header.isascii() or not all(c.isalnum() or c == "-" for c in header):
+        raise ConfigError(key, "must be an HTTP header name")
+    if header in _RESERVED_HEADERS or header.startswith("x-sentinel-"):
+        raise ConfigError(key, f"{header} means something else: choose another")
+    return header
+
+
 def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
     if raw is None:
         url = env.get("SENTINEL_UPSTREAM_URL") or DEFAULT_UPSTREAM_URL
         # With no configuration the proxy is a pass-through: the client's key goes on.
+        base_url = _base_url("SENTINEL_UPSTREAM_URL", url)
         provider = Provider(
             DEFAULT_PROVIDER_NAME,
-            _base_url("SENTINEL_UPSTREAM_URL", url),
+            base_url,
             forward_client_key=True,
+            prompt_cache=urlsplit(base_url).hostname == _OPENAI_HOST,
         )
         return (provider,)
     if not isinstance(raw, list) or not raw:
@@ -508,11 +620,15 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
         prefix = f"providers[{index}]."
         if not isinstance(item, dict):
             raise ConfigError(f"providers[{index}]", "must be a table")
-        _only(item, prefix, {"name", "base_url", "api_key_env", "forward_client_key"})
+        _only(
+            item,
+            prefix,
+            {"name", "base_url", "api_key_env", "forward_client_key", "prompt_cache"},
+        )
         name = _name(item, prefix, "name")
         if any(p.name == name for p in providers):
             raise ConfigError(f"{prefix}name", f"provider {name!r} is defined twice")
-        api_key = None
+        api_key = variable = None
         if "api_key_env" in item:
             variable = _str(item, prefix, "api_key_env", None)
             if not env.get(variable):
@@ -533,10 +649,34 @@ def _providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
                 f"{prefix}forward_client_key", "cannot go with api_key_env: choose one key"
             )
         base_url = _base_url(f"{prefix}base_url", _str(item, prefix, "base_url", None))
+        # On by default where the API is known to take the field: OpenAI's own.
+        openai = urlsplit(base_url).hostname == _OPENAI_HOST
         providers.append(
-            Provider(name=name, base_url=base_url, api_key=api_key, forward_client_key=forward)
+            Provider(
+                name=name,
+                base_url=base_url,
+                api_key=api_key,
+                forward_client_key=forward,
+                prompt_cache=_bool(item, prefix, "prompt_cache", openai),
+                api_key_env=variable,
+            )
         )
     return tuple(providers)
+
+
+def _demo_routing(raw: Mapping[str, Any]) -> tuple[tuple[Provider, ...], dict[str, Alias]]:
+    for key, table in (("providers", "[[providers]]"), ("models", "[models]")):
+        if key in raw:
+            # Refused rather than merged: which provider came first would be a guess. A file
+            # that wants both names the demo providers' base URLs itself.
+            raise ConfigError(
+                key,
+                f"--demo brings its own providers and the alias {DEMO_ALIAS!r}: remove "
+                f"{table} from the file, or start without --demo",
+            )
+    providers = tuple(Provider(name, f"http://{name}.{DEMO_DOMAIN}/v1") for name, _ in DEMO_TARGETS)
+    targets = tuple(Target(provider, model) for provider, model in DEMO_TARGETS)
+    return providers, {DEMO_ALIAS: Alias(DEMO_ALIAS, targets)}
 
 
 def _base_url(key: str, url: str) -> str:
@@ -589,7 +729,7 @@ def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
             raise ConfigError(f"models.{name!r}", _NAME_RULE)
         if not isinstance(table, dict):
             raise ConfigError(f"models.{name}", "must be a table with a targets array")
-        _only(table, prefix, {"targets", "on_target_failure"})
+        _only(table, prefix, {"targets", "on_target_failure", "implicit_sessions"})
         on_failure = _str(table, prefix, "on_target_failure", "reselect")
         if on_failure not in ("reselect", "error"):
             raise ConfigError(f"{prefix}on_target_failure", 'must be "reselect" or "error"')
@@ -616,6 +756,7 @@ def _aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
             name=name,
             targets=tuple(targets),
             on_target_failure=on_failure,  # type: ignore[arg-type]
+            implicit_sessions=_bool(table, prefix, "implicit_sessions", False),
         )
     return aliases
 
@@ -674,8 +815,10 @@ def _users(
                 raise ConfigError(f"{prefix}key_sha256", "is another user's key")
         users.append(User(external_id, bytes.fromhex(digest), tier, models))
     for index, provider in enumerate(providers):
-        # Authenticated clients' keys are the proxy's business, never an upstream's.
-        if provider.api_key is None:
+        # Authenticated clients' keys are the proxy's business, never an upstream's. The
+        # demo upstream runs in this process and needs no key.
+        demo = (urlsplit(provider.base_url).hostname or "").endswith("." + DEMO_DOMAIN)
+        if provider.api_key is None and not demo:
             raise ConfigError(
                 f"providers[{index}].api_key_env",
                 f"provider {provider.name!r} needs its own key when [[users]] are configured",
@@ -747,6 +890,7 @@ def _debug(raw: dict[str, Any]) -> DebugConfig:
     return DebugConfig(enabled=True, token=Secret(token))
 
 
+_OPENAI_HOST = "api.openai.com"
 _EXTERNAL_ID = re.compile(r"[A-Za-z0-9._-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _NAME_RULE = f"must be at most {MAX_NAME_LENGTH} printable characters, no space at either end"

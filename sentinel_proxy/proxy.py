@@ -21,11 +21,12 @@ from sentinel_proxy.exceptions import (
     TargetUnavailable,
     UpstreamError,
 )
-from sentinel_proxy.health import Health
+from sentinel_proxy.health import Health, is_target_failure
+from sentinel_proxy.identity import IMPLICIT, Identity
 from sentinel_proxy.logs import access_log
 from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.relay import DisconnectWatcher, Receive, Send, relay
-from sentinel_proxy.request import ClientDisconnected, InboundRequest, read_request
+from sentinel_proxy.request import ClientDisconnected, IdSources, InboundRequest, read_request
 from sentinel_proxy.rewrite import Rewriter
 from sentinel_proxy.routing import Route, Router
 from sentinel_proxy.sessions import Session, SessionStore
@@ -61,7 +62,11 @@ class Proxy:
         self._users = Users(config)
         self._rewriter = Rewriter(config)
         self._max_body = config.upstream.max_body_bytes
-        self._id_header = config.session.header.encode()
+        self._sources = IdSources(config.session.id_sources)
+        key = config.session.hash_key
+        self._identity = Identity(key.reveal().encode() if key is not None else None)
+        self._implicit = frozenset(a.name for a in config.aliases.values() if a.implicit_sessions)
+        self._prompt_cache = any(p.prompt_cache for p in config.providers)
         self._fail_open = config.session.on_store_error == "open"
         self._stream_idle = config.upstream.stream_idle_seconds
 
@@ -94,7 +99,7 @@ class Proxy:
         self, scope: dict[str, Any], receive: Receive, send: Send, fields: dict[str, Any]
     ) -> int:
         inbound = await read_request(
-            scope, receive, max_body_bytes=self._max_body, id_header=self._id_header
+            scope, receive, max_body_bytes=self._max_body, sources=self._sources
         )
         user = self._users.authenticate(inbound.authorization)
         if user is not None:
@@ -102,15 +107,20 @@ class Proxy:
         fields["conversation_id"] = inbound.conversation_id
         route, outcome, session = await self._route(inbound, user)
         fields["session"] = outcome
+        if outcome != NONE:
+            fields["session_source"] = inbound.id_source
         if outcome == HIT and not self._router.healthy(route) and self._router.can_fail_over(route):
             # Pinned to an ejected target: move now rather than try it.
             route, session = await self._fail_over(route, session, fields)
         fields["provider"] = route.provider.name
         fields["model"] = route.model or inbound.model
+        cache_key = None
+        if session is not None and self._prompt_cache and _without_cache_key(inbound):
+            cache_key = self._identity.prompt_cache_key(session.external_id, session.id)
         watcher = DisconnectWatcher(receive, send, stall_seconds=self._stream_idle)
         try:
             sent = time.perf_counter()
-            response, route = await self._send(inbound, route, session, fields)
+            response, route = await self._send(inbound, route, session, cache_key, fields)
             waited = time.perf_counter() - sent
             fields["upstream_ms"] = round(waited * 1000, 2)
             self._metrics.upstream_latency(route.provider.name, waited)
@@ -149,13 +159,15 @@ class Proxy:
         inbound: InboundRequest,
         route: Route,
         session: Session | None,
+        cache_key: str | None,
         fields: dict[str, Any],
     ) -> tuple[UpstreamResponse, Route]:
         """Send to the route's target; if it fails before answering (an error, a 5xx) and
         its alias fails over, once more to another target. At most two upstreams per
         request, and never the same one twice."""
         for retry in (False, True):
-            request = self._rewriter.build(inbound, route)
+            wanted = cache_key if route.provider.prompt_cache else None
+            request = self._rewriter.build(inbound, route, wanted)
             response: UpstreamResponse | None = None
             try:
                 response = await self._upstream.send(request)
@@ -164,7 +176,7 @@ class Proxy:
                     raise
                 error: ProxyError = exc
             else:
-                if response.status_code < 500 or route.alias is None:
+                if route.alias is None or not is_target_failure(status=response.status_code):
                     if route.alias is not None:
                         self._health.success(route.target)
                     return response, route
@@ -231,12 +243,17 @@ class Proxy:
         # Only generation endpoints read, renew or make a pin; the id is removed anyway.
         conversation_id = inbound.conversation_id if inbound.generates else None
         model = requested or (users.default_model(user) if inbound.generates else None)
+        tenant = user.external_id if user is not None else None
+        if conversation_id is None and model in self._implicit and inbound.generates:
+            conversation_id = self._identity.implicit_id(tenant, inbound.payload)
+            if conversation_id is not None:
+                inbound.id_source = IMPLICIT
         if conversation_id is None:
             if model is None and inbound.needs_model:
                 raise _model_required()
             users.check_allowed(user, model)
             return self._router.select(model), NONE, None
-        external_id = user.external_id if user is not None else None
+        external_id = tenant
 
         def make() -> Session:
             # A follow-up needs no model (its pin supplies one); a first request does.
@@ -286,6 +303,11 @@ class Proxy:
         return pinned, HIT, session
 
 
+def _without_cache_key(inbound: InboundRequest) -> bool:
+    payload = inbound.payload
+    return payload is not None and "prompt_cache_key" not in payload
+
+
 def _model_required() -> InvalidRequest:
     return InvalidRequest("model field is required", param="model")
 
@@ -296,6 +318,7 @@ def _outcome_headers(fields: dict[str, Any]) -> list[tuple[bytes, bytes]]:
         (b"x-sentinel-provider", "provider"),
         (b"x-sentinel-model", "model"),
         (b"x-sentinel-session", "session"),
+        (b"x-sentinel-session-source", "session_source"),
         (b"x-sentinel-failover", "failover"),
     ):
         value = fields.get(key)

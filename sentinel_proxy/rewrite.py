@@ -12,7 +12,7 @@ import orjson
 from sentinel_proxy.body import Edit, apply, insert_first, remove_member, replace_value
 from sentinel_proxy.config import Config
 from sentinel_proxy.exceptions import InvalidRequest, URITooLong
-from sentinel_proxy.request import BODY_FIELD, InboundRequest
+from sentinel_proxy.request import InboundRequest
 from sentinel_proxy.routing import Route
 
 # RFC 9110 section 7.6.1, plus the fields a proxy sets itself (host, content-length) and
@@ -71,7 +71,8 @@ class Rewriter:
     """Built once from the configuration; `build` does the per-request part."""
 
     def __init__(self, config: Config) -> None:
-        drop = _REQUEST_DROP | {config.session.header.encode()}
+        sources = config.session.id_sources
+        drop = _REQUEST_DROP | {s.name.encode() for s in sources if s.kind == "header" and s.owned}
         self._auth = {
             p.name: (b"authorization", b"Bearer " + p.api_key.reveal().encode())
             for p in config.providers
@@ -86,13 +87,16 @@ class Rewriter:
         self._host = {p.name: (b"host", _netloc(p.base_url)) for p in config.providers}
         self._url = functools.lru_cache(maxsize=_URL_CACHE_SIZE)(_upstream_url)
 
-    def build(self, inbound: InboundRequest, route: Route) -> httpx.Request:
+    def build(
+        self, inbound: InboundRequest, route: Route, cache_key: str | None = None
+    ) -> httpx.Request:
+        """The upstream request; `cache_key` goes in the body as prompt_cache_key."""
         auth = self._auth.get(route.provider.name)
         headers = filter_headers(inbound.headers, self._drop[route.provider.name])
         headers.append(self._host[route.provider.name])
         if auth is not None:
             headers.append(auth)
-        body = rewrite_body(inbound, route)
+        body = rewrite_body(inbound, route, cache_key)
         if body or inbound.method in _BODY_METHODS:
             headers.append((b"content-length", str(len(body)).encode()))
         url = self._url(route.provider.base_url, inbound.raw_path, inbound.query)
@@ -146,9 +150,10 @@ def _netloc(base_url: str) -> bytes:
     return httpx.URL(base_url).netloc
 
 
-def rewrite_body(inbound: InboundRequest, route: Route) -> bytes:
-    """The body to send: the client's bytes, less the conversation id member and with the
-    route's model in place of the requested one, every other byte as it came."""
+def rewrite_body(inbound: InboundRequest, route: Route, cache_key: str | None = None) -> bytes:
+    """The body to send: the client's bytes, less the conversation id member, with the
+    route's model in place of the requested one and a prompt_cache_key added if given;
+    every other byte as it came."""
     payload = inbound.payload
     if payload is None:
         return inbound.body
@@ -161,14 +166,17 @@ def rewrite_body(inbound: InboundRequest, route: Route) -> bytes:
             edits.append(replace_value(inbound.model_member, value))
         else:
             added.append(b'"model":' + value)
+    if cache_key is not None:
+        added.append(b'"prompt_cache_key":' + orjson.dumps(cache_key))
     if inbound.id_member is not None:
         if added:
-            # The added member takes the removed one's place: no comma to fix.
+            # An added member takes the removed one's place: no comma to fix.
             start, _, end = inbound.id_member
             edits.append((start, end, added.pop()))
         else:
             edits.append(remove_member(body, inbound.id_member))
     if added:
-        others = len(payload) > (BODY_FIELD in payload)
-        edits.append(insert_first(body, b",".join(added) + (b"," if others else b"")))
+        # Members follow the inserted ones unless the object was empty.
+        comma = b"," if payload else b""
+        edits.append(insert_first(body, b",".join(added) + comma))
     return apply(body, edits)

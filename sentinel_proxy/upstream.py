@@ -11,11 +11,12 @@ user's Set-Cookie can never ride along on another user's request (GHSA-7vwr-g6pm
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 import httpx
 
-from sentinel_proxy.config import UpstreamConfig
+from sentinel_proxy.config import Provider, UpstreamConfig
+from sentinel_proxy.demo import DemoTransport, is_demo_url
 from sentinel_proxy.exceptions import (
     InvalidRequest,
     UpstreamBadResponse,
@@ -57,11 +58,19 @@ class Upstream:
     """Sends rewritten requests upstream; made in the lifespan, closed at shutdown."""
 
     def __init__(
-        self, config: UpstreamConfig, *, transport: httpx.AsyncBaseTransport | None = None
+        self,
+        config: UpstreamConfig,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+        providers: Sequence[Provider] = (),
     ) -> None:
         # The one place the transport is chosen (tests pass a mock one).
         if transport is None:
             transport = AiohttpTransport(max_connections=config.max_connections)
+            if any(is_demo_url(p.base_url) for p in providers):
+                # Demo providers (--demo) are answered in process; without one, nothing
+                # stands between the proxy and aiohttp.
+                transport = DemoTransport(transport)
         self._transport = transport
         # httpx's timeout names, plus `chunk` for the silence between two reads of the body
         # (AiohttpTransport's docstring); `read` runs to the first body bytes.

@@ -10,9 +10,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from sentinel_proxy.body import DuplicateMember, apply, find_member, plain_keys, remove_member
-from sentinel_proxy.config import Provider
+from sentinel_proxy.config import DEFAULT_ID_SOURCES, Provider
 from sentinel_proxy.exceptions import InvalidRequest, RequestTooLarge
-from sentinel_proxy.request import read_request
+from sentinel_proxy.request import IdSources, read_request
 from sentinel_proxy.rewrite import rewrite_body
 from sentinel_proxy.routing import Route
 
@@ -106,7 +106,7 @@ async def _read(body: bytes, *, limit: int = 1 << 20) -> Any:
         "headers": [(b"content-type", b"application/json")],
     }
     return await read_request(
-        scope, _receive(body), max_body_bytes=limit, id_header=b"x-conversation-id"
+        scope, _receive(body), max_body_bytes=limit, sources=IdSources(DEFAULT_ID_SOURCES)
     )
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import hashlib
 import resource
 from pathlib import Path
 
@@ -63,7 +64,11 @@ def test_defaults_without_any_config() -> None:
 def test_full_file(tmp_path: Path) -> None:
     config = load_config(write(tmp_path, FULL), env={"OPENAI_API_KEY": "sk-secret"})
     assert config.server.port == 9000
-    assert config.session.header == "x-conv"
+    # The older `header` key: the body field, then this header in place of x-conversation-id.
+    assert [s.label for s in config.session.id_sources] == [
+        "body:conversation_id",
+        "header:x-conv",
+    ]
     assert config.session.ttl_seconds == 600
     assert config.providers[0].base_url == "https://api.openai.com/v1"
     assert config.providers[0].api_key == Secret("sk-secret")
@@ -292,9 +297,14 @@ def test_memory_store_refuses_several_workers() -> None:
 
 def test_the_example_config_loads() -> None:
     path = Path(__file__).parent.parent / "config" / "sentinel.example.toml"
-    config = load_config(str(path), env={"OPENAI_API_KEY": "sk-x"})
+    config = load_config(str(path), env={"OPENAI_API_KEY": "sk-x", "LOCAL_API_KEY": "k"})
     assert [p.name for p in config.providers] == ["openai", "local"]
     assert config.aliases["fast"].targets[0].weight == 3
+    assert config.routing.default_model == "fast"
+    team_a, team_b = config.users
+    # The keys the comments name are the keys the hashes are of.
+    assert team_a.key_sha256 == hashlib.sha256(b"sk-team-a-example").digest()
+    assert team_b.key_sha256 == hashlib.sha256(b"sk-team-b-example").digest()
 
 
 def test_client_connection_limits(tmp_path: Path) -> None:
@@ -327,6 +337,194 @@ def test_a_connection_cap_beyond_the_file_limit_is_refused(tmp_path: Path) -> No
         load_config(write(tmp_path, f"[server]\nmax_connections = {most + 1}"), env={})
     assert info.value.key == "server.max_connections"
     assert f"hard limit of {hard}" in str(info.value)
+
+
+USERS = """
+[routing]
+default_model = "fast"
+
+[[providers]]
+name = "openai"
+base_url = "https://api.openai.com/v1"
+api_key_env = "OPENAI_API_KEY"
+
+[models.fast]
+targets = [{ provider = "openai", model = "gpt-4o-mini" }]
+[models.smart]
+targets = [{ provider = "openai", model = "gpt-4o" }]
+on_target_failure = "error"
+
+[[users]]
+external_id = "team-a"
+key_sha256 = "9F86D081884C7D659A2FEAA0C55AD015A3BF4F1B2B0B822CD15D6C15B0F00A08"
+tier = "smart"
+models = ["smart", "gpt-4o"]
+
+[[users]]
+external_id = "team.b_2"
+key_sha256 = "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752"
+"""
+
+
+def test_users_tiers_and_routing(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, USERS), env={"OPENAI_API_KEY": "k"})
+    team_a, team_b = config.users
+    assert team_a.external_id == "team-a" and team_a.tier == "smart"
+    assert team_a.key_sha256 == bytes.fromhex(
+        "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
+    )
+    assert team_a.models == frozenset({"smart", "gpt-4o"})
+    assert (team_b.tier, team_b.models) == (None, None)
+    assert config.routing.default_model == "fast"
+    assert config.aliases["smart"].on_target_failure == "error"
+    assert config.aliases["fast"].on_target_failure == "reselect"
+
+
+@pytest.mark.parametrize(
+    ("change", "key", "words"),
+    [
+        (("team-a", "team:a"), "users[0].external_id", "never ':'"),
+        (('tier = "smart"', 'tier = "fastest"'), "users[0].tier", "no alias"),
+        (('tier = "smart"', 'tier = "fast"'), "users[0].tier", "not among"),
+        (("9F86D081884C", "XF86D081884C"), "users[0].key_sha256", "64 hex"),
+        (
+            (
+                "60303ae22b998861bce3b28f33eec1be758a213c86c93c076dbe9f558c11c752",
+                "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08",
+            ),
+            "users[1].key_sha256",
+            "another user",
+        ),
+        (("team.b_2", "team-a"), "users[1].external_id", "twice"),
+        (('default_model = "fast"', 'default_model = "gpt-4o"'), "routing.default_model", "alias"),
+        (('api_key_env = "OPENAI_API_KEY"', ""), "providers[0].api_key_env", "its own key"),
+        (('"smart", "gpt-4o"]', '"smart", ""]'), "users[0].models", "model names"),
+    ],
+)
+def test_bad_users_and_routing_name_the_key(
+    tmp_path: Path, change: tuple[str, str], key: str, words: str
+) -> None:
+    text = USERS.replace(*change)
+    assert text != USERS
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"OPENAI_API_KEY": "k"})
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\ntargets = [{provider = "a", model = "m", weight = 0}]',
+            "models.f.targets",
+            "weight 0",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\ntargets = [{provider = "a", model = "m"}, {provider = "a", model = "m"}]',
+            "models.f.targets[1].model",
+            "twice",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\non_target_failure = "retry"\ntargets = [{provider = "a", model = "m"}]',
+            "models.f.on_target_failure",
+            "reselect",
+        ),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\napi_key_env = "K"\n'
+            "forward_client_key = true",
+            "providers[0].forward_client_key",
+            "choose one",
+        ),
+    ],
+)
+def test_bad_aliases_and_providers_name_the_key(
+    tmp_path: Path, text: str, key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env={"K": "k"})
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_a_client_key_goes_on_only_where_a_provider_opts_in(tmp_path: Path) -> None:
+    assert load_config(None, env={}).providers[0].forward_client_key
+    text = '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+    assert not load_config(write(tmp_path, text), env={}).providers[0].forward_client_key
+
+
+def test_id_sources_in_order_and_which_are_the_proxy_s_own(tmp_path: Path) -> None:
+    text = (
+        '[session]\nid_sources = ["header:X-Session-Id", "body:conversation_id", '
+        '"header:x-conversation-id", "body:prompt_cache_key", "body:user"]\n'
+        'implicit_key_env = "HASH_KEY"\n'
+    )
+    session = load_config(write(tmp_path, text), env={"HASH_KEY": "h" * 16}).session
+    assert [(s.label, s.owned) for s in session.id_sources] == [
+        ("header:x-session-id", False),
+        ("body:conversation_id", True),
+        ("header:x-conversation-id", True),
+        ("body:prompt_cache_key", False),
+        ("body:user", False),
+    ]
+    assert session.hash_key == Secret("h" * 16)
+    defaults = load_config(None, env={}).session
+    assert [s.label for s in defaults.id_sources] == [
+        "body:conversation_id",
+        "header:x-conversation-id",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "key", "words"),
+    [
+        (
+            '[session]\nheader = "x-conv"\nid_sources = ["header:x-conv"]',
+            {},
+            "session.header",
+            "id_sources says it",
+        ),
+        ('[session]\nid_sources = ["body:messages"]', {}, "session.id_sources[0]", "body:"),
+        ('[session]\nid_sources = ["cookie:sid"]', {}, "session.id_sources[0]", "header:"),
+        ('[session]\nid_sources = ["header:authorization"]', {}, "session.id_sources[0]", "else"),
+        (
+            '[session]\nid_sources = ["body:user", "body:user"]',
+            {},
+            "session.id_sources[1]",
+            "twice",
+        ),
+        ("[session]\nid_sources = []", {}, "session.id_sources", "non-empty"),
+        ('[session]\nimplicit_key_env = "K"', {"K": "short"}, "session.implicit_key_env", "16"),
+        (
+            '[[providers]]\nname = "a"\nbase_url = "http://x"\n'
+            '[models.f]\nimplicit_sessions = true\ntargets = [{provider = "a", model = "m"}]',
+            {},
+            "models.f.implicit_sessions",
+            "implicit_key_env",
+        ),
+    ],
+)
+def test_bad_id_sources_and_keys_name_the_key(
+    tmp_path: Path, text: str, env: dict[str, str], key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text), env=env)
+    assert info.value.key == key
+    assert words in str(info.value)
+    assert "short" not in str(info.value)
+
+
+def test_prompt_cache_is_on_by_default_for_openai_only(tmp_path: Path) -> None:
+    text = (
+        '[[providers]]\nname = "openai"\nbase_url = "https://api.openai.com/v1"\n'
+        '[[providers]]\nname = "local"\nbase_url = "http://127.0.0.1:11434/v1"\n'
+        '[[providers]]\nname = "vllm"\nbase_url = "http://10.0.0.9/v1"\nprompt_cache = true\n'
+    )
+    providers = load_config(write(tmp_path, text), env={}).providers
+    assert [p.prompt_cache for p in providers] == [True, False, True]
 
 
 def test_cluster_and_sentinel_settings(tmp_path: Path) -> None:

@@ -4,10 +4,12 @@ from typing import Any
 
 import pytest
 
+from sentinel_proxy.config import DEFAULT_ID_SOURCES, IdSource
 from sentinel_proxy.exceptions import HeadersTooLarge, InvalidRequest, RequestTooLarge
-from sentinel_proxy.request import ClientDisconnected, read_request
+from sentinel_proxy.request import ClientDisconnected, IdSources, read_request
 
 HEADER = b"x-conversation-id"
+SOURCES = IdSources(DEFAULT_ID_SOURCES)
 
 
 def scope(headers: list[tuple[bytes, bytes]], method: str = "POST") -> dict[str, Any]:
@@ -38,7 +40,7 @@ JSON = [(b"content-type", b"application/json")]
 
 async def read(body: bytes, headers: list[tuple[bytes, bytes]] = JSON, **kw: Any) -> Any:
     return await read_request(
-        scope(headers, **kw), receiver(body), max_body_bytes=100, id_header=HEADER
+        scope(headers, **kw), receiver(body), max_body_bytes=100, sources=SOURCES
     )
 
 
@@ -74,7 +76,7 @@ async def test_same_id_in_both_places_is_fine_but_different_is_400() -> None:
 )
 async def test_bad_conversation_id(body: bytes) -> None:
     with pytest.raises(InvalidRequest) as info:
-        await read_request(scope(JSON), receiver(body), max_body_bytes=1000, id_header=HEADER)
+        await read_request(scope(JSON), receiver(body), max_body_bytes=1000, sources=SOURCES)
     assert info.value.param == "conversation_id"
 
 
@@ -115,7 +117,7 @@ async def test_get_is_not_parsed() -> None:
 
 async def test_body_in_chunks() -> None:
     request = await read_request(
-        scope(JSON), receiver(b'{"model":', b' "m"}'), max_body_bytes=100, id_header=HEADER
+        scope(JSON), receiver(b'{"model":', b' "m"}'), max_body_bytes=100, sources=SOURCES
     )
     assert request.model == "m"
 
@@ -126,13 +128,13 @@ async def test_declared_length_over_the_limit_is_refused_before_reading() -> Non
 
     headers = JSON + [(b"content-length", b"101")]
     with pytest.raises(RequestTooLarge):
-        await read_request(scope(headers), receive, max_body_bytes=100, id_header=HEADER)
+        await read_request(scope(headers), receive, max_body_bytes=100, sources=SOURCES)
 
 
 async def test_streamed_body_over_the_limit() -> None:
     with pytest.raises(RequestTooLarge):
         await read_request(
-            scope(JSON), receiver(b"x" * 60, b"x" * 60), max_body_bytes=100, id_header=HEADER
+            scope(JSON), receiver(b"x" * 60, b"x" * 60), max_body_bytes=100, sources=SOURCES
         )
 
 
@@ -141,7 +143,7 @@ async def test_client_gone_while_sending_body() -> None:
         return {"type": "http.disconnect"}
 
     with pytest.raises(ClientDisconnected):
-        await read_request(scope(JSON), receive, max_body_bytes=100, id_header=HEADER)
+        await read_request(scope(JSON), receive, max_body_bytes=100, sources=SOURCES)
 
 
 async def test_oversized_headers_are_refused_before_the_body_is_read() -> None:
@@ -150,7 +152,7 @@ async def test_oversized_headers_are_refused_before_the_body_is_read() -> None:
 
     headers = JSON + [(b"x-padding", b"x" * 70_000)]
     with pytest.raises(HeadersTooLarge) as info:
-        await read_request(scope(headers), receive, max_body_bytes=100, id_header=HEADER)
+        await read_request(scope(headers), receive, max_body_bytes=100, sources=SOURCES)
     assert info.value.status_code == 431
 
 
@@ -171,14 +173,14 @@ async def test_a_model_that_cannot_be_a_header_is_400(model: str) -> None:
             scope(JSON),
             receiver(b'{"model": ' + model.encode() + b"}"),
             max_body_bytes=1000,
-            id_header=HEADER,
+            sources=SOURCES,
         )
     assert info.value.param == "model"
 
 
 async def test_a_long_printable_model_is_fine() -> None:
     body = b'{"model": "' + "\u00e9".encode() * 256 + b'"}'
-    request = await read_request(scope(JSON), receiver(body), max_body_bytes=1000, id_header=HEADER)
+    request = await read_request(scope(JSON), receiver(body), max_body_bytes=1000, sources=SOURCES)
     assert request.model == "\u00e9" * 256
 
 
@@ -204,3 +206,49 @@ async def test_valid_json_that_orjson_refuses_is_still_read() -> None:
 async def test_non_json_constants_are_refused(body: bytes) -> None:
     with pytest.raises(InvalidRequest):
         await read(body)
+
+
+def sources(*labels: str) -> IdSources:
+    made = []
+    for label in labels:
+        kind, name = label.split(":")
+        owned = name in ("conversation_id", "x-conversation-id")
+        made.append(IdSource(kind, name, owned))  # type: ignore[arg-type]
+    return IdSources(tuple(made))
+
+
+async def read_with(order: IdSources, body: bytes, headers: list[tuple[bytes, bytes]]) -> Any:
+    return await read_request(
+        scope(JSON + headers), receiver(body), max_body_bytes=1000, sources=order
+    )
+
+
+async def test_the_first_present_source_wins_in_the_configured_order() -> None:
+    order = sources("header:x-session-id", "body:prompt_cache_key", "body:user")
+    body = b'{"model": "m", "prompt_cache_key": "pck", "user": "u-1"}'
+    both = await read_with(order, body, [(b"x-session-id", b"s-1")])
+    assert (both.conversation_id, both.id_source) == ("s-1", "header:x-session-id")
+    body_only = await read_with(order, body, [])
+    assert (body_only.conversation_id, body_only.id_source) == ("pck", "body:prompt_cache_key")
+    user = await read_with(order, b'{"model": "m", "user": "u-1"}', [])
+    assert (user.conversation_id, user.id_source) == ("u-1", "body:user")
+    none = await read_with(order, b'{"model": "m"}', [(b"x-conversation-id", b"c")])
+    assert (none.conversation_id, none.id_source) == (None, None)
+
+
+async def test_an_id_over_256_characters_from_any_source_is_400_never_cut() -> None:
+    order = sources("header:x-session-affinity", "body:user")
+    with pytest.raises(InvalidRequest) as info:
+        await read_with(order, b'{"model": "m"}', [(b"x-session-affinity", b"s" * 257)])
+    assert info.value.param == "x-session-affinity"
+    with pytest.raises(InvalidRequest) as info:
+        await read_with(order, b'{"model": "m", "user": "' + b"u" * 257 + b'"}', [])
+    assert info.value.param == "user"
+
+
+async def test_the_body_conversation_id_is_cut_out_whichever_source_wins() -> None:
+    order = sources("header:x-session-id")
+    request = await read_with(
+        order, b'{"model": "m", "conversation_id": "c"}', [(b"x-session-id", b"s")]
+    )
+    assert request.conversation_id == "s" and request.id_member is not None

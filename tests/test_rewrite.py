@@ -246,3 +246,25 @@ def test_client_credentials_go_only_to_a_provider_that_opts_in() -> None:
     assert keyless.headers["x-other"] == "kept"
     assert keyed.headers.get_list("authorization") == ["Bearer sk-provider"]
     assert not {"api-key", "x-api-key"} & set(keyed.headers)
+
+
+def test_a_prompt_cache_key_is_added_where_asked() -> None:
+    rewriter = Rewriter(CONFIG)
+    for body, expected in [
+        (b'{"model": "m"}', b'{"prompt_cache_key":"k1","model": "m"}'),
+        (b'{"model": "m", "conversation_id": "c"}', b'{"model": "m", "prompt_cache_key":"k1"}'),
+        (b"{}", b'{"prompt_cache_key":"k1"}'),
+    ]:
+        request = rewriter.build(
+            inbound(body, payload=orjson.loads(body)), Route(OPEN, None), cache_key="k1"
+        )
+        assert request.read() == expected
+    both = b'{"conversation_id": "c", "messages": []}'
+    request = rewriter.build(
+        inbound(both, payload=orjson.loads(both)), Route(OPEN, "m-b"), cache_key="k1"
+    )
+    assert orjson.loads(request.read()) == {
+        "model": "m-b",
+        "prompt_cache_key": "k1",
+        "messages": [],
+    }

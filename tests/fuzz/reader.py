@@ -18,9 +18,9 @@ import atheris
 
 with atheris.instrument_imports():
     from sentinel_proxy.body import find_member, plain_keys
-    from sentinel_proxy.config import Provider
+    from sentinel_proxy.config import DEFAULT_ID_SOURCES, Provider
     from sentinel_proxy.exceptions import InvalidRequest, RequestTooLarge
-    from sentinel_proxy.request import read_request
+    from sentinel_proxy.request import IdSources, read_request
     from sentinel_proxy.rewrite import rewrite_body
     from sentinel_proxy.routing import Route
 
@@ -44,7 +44,7 @@ async def _one(body: bytes) -> None:
 
     try:
         request = await read_request(
-            SCOPE, receive, max_body_bytes=1 << 16, id_header=b"x-conversation-id"
+            SCOPE, receive, max_body_bytes=1 << 16, sources=IdSources(DEFAULT_ID_SOURCES)
         )
     except (InvalidRequest, RequestTooLarge):
         return
