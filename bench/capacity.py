@@ -4,17 +4,20 @@ Redis, on this machine.
     .venv/bin/python bench/capacity.py [--sessions 1000000] [--requests 20000]
 
 Starts its own redis-server twice on free ports (never the shared one on 6379): a plain one,
-and one in cluster mode that owns every slot (a cluster node keeps more per key). For each,
-with and without users (`sentinel:session:{external_id}:{id}` and an `external_id` in the
-value), it stores `--sessions` sessions as the store writes them (SET ... EX 86400, values
-from `Session.to_json`, UUID conversation ids), then reports:
+and one in cluster mode that owns every slot (a cluster node keeps more per key). For each
+kind of session it stores `--sessions` of them as the store writes them (SET ... EX 86400,
+values from `Session.to_json`): a client's conversation id (a UUID, 36 characters) without
+users; the same with users (`sentinel:session:{external_id}:{id}`, an `external_id` in the
+value); an implicit session's id (`implicit-` and 32 hex digits, as identity.py makes them).
+Then it reports:
 
 - bytes per session: the growth of INFO `used_memory` over the fill, divided by the count
   (what a sizing needs: keys, values, expiry entries, allocator rounding), and the mean
   `MEMORY USAGE` of 2,000 random keys (the key and value alone);
-- per request, driving the real `RedisStore` (64 concurrent callers): Redis commands,
-  bytes into Redis and out of it (INFO `total_net_input_bytes` / `total_net_output_bytes`),
-  and Redis CPU (INFO `used_cpu_user` + `used_cpu_sys`) for a hit and for a creation.
+- per request, driving the real `RedisStore` (64 concurrent callers) through a counting TCP
+  relay (tests/support/fault_relay.py): Redis commands (INFO commandstats), bytes to Redis
+  and back (the relay's counts: the store's traffic alone), and Redis CPU (INFO
+  `used_cpu_user` + `used_cpu_sys`) for a hit and for a creation.
 
 Prints a markdown table and writes bench/out/capacity.json.
 """
@@ -41,6 +44,7 @@ sys.path.insert(0, str(BENCH.parent))
 
 from sentinel_proxy.sessions import CircuitBreaker, RedisStore, Session  # noqa: E402
 from sentinel_proxy.sessions.base import session_key  # noqa: E402
+from tests.support.fault_relay import FaultRelay  # noqa: E402
 
 TTL = 86_400
 EXTERNAL_ID = "team-analytics"
@@ -84,9 +88,15 @@ def start_redis(workdir: Path, *, cluster: bool) -> tuple[subprocess.Popen[bytes
     return proc, port
 
 
-def session_for(users: bool) -> Session:
+# name: (implicit ids, users)
+KINDS = {"no users": (False, False), "with users": (False, True), "implicit ids": (True, False)}
+
+
+def session_for(kind: str) -> Session:
+    implicit, users = KINDS[kind]
+    conversation_id = f"implicit-{uuid.uuid4().hex}" if implicit else str(uuid.uuid4())
     return Session(
-        str(uuid.uuid4()),
+        conversation_id,
         "openai",
         "gpt-4o-mini",
         int(time.time()),
@@ -94,14 +104,14 @@ def session_for(users: bool) -> Session:
     )
 
 
-def fill(client: redis.Redis, count: int, users: bool) -> list[str]:
+def fill(client: redis.Redis, count: int, kind: str) -> list[str]:
     """`count` sessions, as the store writes them; returns a sample of their keys."""
     sample: list[str] = []
     batch = 10_000
     for start in range(0, count, batch):
         pipe = client.pipeline(transaction=False)
         for _ in range(min(batch, count - start)):
-            made = session_for(users)
+            made = session_for(kind)
             pipe.set(made.key, made.to_json(), ex=TTL)
             if len(sample) < SAMPLES * 5 and random.random() < 0.02:
                 sample.append(made.key)
@@ -109,12 +119,12 @@ def fill(client: redis.Redis, count: int, users: bool) -> list[str]:
     return random.sample(sample, min(SAMPLES, len(sample)))
 
 
-def memory(client: redis.Redis, count: int, users: bool) -> dict[str, Any]:
+def memory(client: redis.Redis, count: int, kind: str) -> dict[str, Any]:
     client.flushall()
     time.sleep(0.2)
     before = int(client.info("memory")["used_memory"])
     began = time.monotonic()
-    sample = fill(client, count, users)
+    sample = fill(client, count, kind)
     elapsed = time.monotonic() - began
     info = client.info("memory")
     after = int(info["used_memory"])
@@ -134,23 +144,26 @@ def memory(client: redis.Redis, count: int, users: bool) -> dict[str, Any]:
     }
 
 
-async def per_request(port: int, requests: int, users: bool) -> dict[str, Any]:
+async def per_request(port: int, requests: int, kind: str) -> dict[str, Any]:
     """Commands, bytes and Redis CPU per creation and per hit, through the real store."""
+    relay = FaultRelay(("127.0.0.1", port))
+    relay.start()
     store = RedisStore(
-        f"redis://127.0.0.1:{port}/0",
+        relay.url("redis", "/0"),
         ttl_seconds=TTL,
         timeout=5.0,
         max_connections=64,
         breaker=CircuitBreaker(failures=1000, reset_seconds=1),
     )
     admin = redis.Redis(port=port)
-    made = [session_for(users) for _ in range(requests)]
+    made = [session_for(kind) for _ in range(requests)]
     out: dict[str, Any] = {}
     try:
         await store.ping()
         for phase in ("create", "hit"):
             admin.config_resetstat()
             before = admin.info("all")
+            sent, received = relay.bytes_from_clients, relay.bytes_from_server
             queue = list(made)
 
             async def caller(queue: list[Session] = queue) -> None:
@@ -171,15 +184,8 @@ async def per_request(port: int, requests: int, users: bool) -> dict[str, Any]:
             cpu = sum(after[k] - before[k] for k in ("used_cpu_user", "used_cpu_sys"))
             out[phase] = {
                 "commands": {k: round(v / requests, 3) for k, v in stats.items()},
-                # Minus the admin connection's own INFO and CONFIG RESETSTAT traffic.
-                "bytes_in": round(
-                    (after["total_net_input_bytes"] - before["total_net_input_bytes"]) / requests,
-                    1,
-                ),
-                "bytes_out": round(
-                    (after["total_net_output_bytes"] - before["total_net_output_bytes"]) / requests,
-                    1,
-                ),
+                "bytes_in": round((relay.bytes_from_clients - sent) / requests, 1),
+                "bytes_out": round((relay.bytes_from_server - received) / requests, 1),
                 "redis_cpu_us": round(cpu / requests * 1e6, 2),
                 "key_bytes": len(session_key(made[0].id, made[0].external_id)),
                 "value_bytes": len(made[0].to_json()),
@@ -187,6 +193,7 @@ async def per_request(port: int, requests: int, users: bool) -> dict[str, Any]:
     finally:
         await store.aclose()
         admin.close()
+        relay.stop()
     return out
 
 
@@ -209,12 +216,12 @@ def main(argv: list[str] | None = None) -> int:
             client = redis.Redis(port=port)
             version = client.info("server")["redis_version"]
             results["redis"] = version
-            for users in (False, True):
-                name = f"{mode}, {'with users' if users else 'no users'}"
+            for kind in KINDS:
+                name = f"{mode}, {kind}"
                 print(f"[capacity] {name}: filling {args.sessions} sessions", file=sys.stderr)
-                row = memory(client, args.sessions, users)
+                row = memory(client, args.sessions, kind)
                 client.flushall()
-                row |= asyncio.run(per_request(port, args.requests, users))
+                row |= asyncio.run(per_request(port, args.requests, kind))
                 results[name] = row
                 print(f"[capacity] {name}: {json.dumps(row)}", file=sys.stderr)
             client.flushall()

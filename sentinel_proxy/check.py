@@ -97,7 +97,8 @@ def _sessions(config: Config) -> Iterator[str]:
     tail = f"ttl {session.ttl_seconds} s, store errors: {session.on_store_error}"
     if session.sentinels:
         sentinels = ", ".join(f"{host}:{port}" for host, port in session.sentinels)
-        yield f"sessions: Redis primary of {session.sentinel_service!r} (sentinels {sentinels}), {tail}"
+        service = session.sentinel_service
+        yield f"sessions: Redis primary of {service!r} (sentinels {sentinels}), {tail}"
     elif session.redis_url is None:
         yield (
             f"sessions: in memory (this process only, at most {session.memory_max_sessions}), "

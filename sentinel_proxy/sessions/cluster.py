@@ -91,10 +91,9 @@ class RedisClusterStore(RedisStore):
     def _redirect(self, error: AskError) -> _Node | None:
         node = self._node_at(error.host, error.port)
         if isinstance(error, MovedError):
-            self._slots[error.slot_id] = node
             if node not in self._masters:
-                node.breaker.success()
-                self._masters.append(node)
+                node.breaker.success()  # it newly serves: not the node that failed before
+            self._slots[error.slot_id] = node
             # One slot seldom moves alone (a failover, a resharding): read the whole map.
             self._lookup.soon(None)
         return node
