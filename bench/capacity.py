@@ -17,7 +17,8 @@ Then it reports:
 - per request, driving the real `RedisStore` (64 concurrent callers) through a counting TCP
   relay (tests/support/fault_relay.py): Redis commands (INFO commandstats), bytes to Redis
   and back (the relay's counts: the store's traffic alone), and Redis CPU (INFO
-  `used_cpu_user` + `used_cpu_sys`) for a hit and for a creation.
+  `used_cpu_user` + `used_cpu_sys`) for a hit and for a creation; and for hits from one
+  caller at a time, whose commands are never pipelined (Redis's most CPU per command).
 
 Prints a markdown table and writes bench/out/capacity.json.
 """
@@ -29,6 +30,7 @@ import asyncio
 import json
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -160,11 +162,12 @@ async def per_request(port: int, requests: int, kind: str) -> dict[str, Any]:
     out: dict[str, Any] = {}
     try:
         await store.ping()
-        for phase in ("create", "hit"):
+        for phase, callers in (("create", 64), ("hit", 64), ("hit, one caller", 1)):
+            count = requests if callers > 1 else requests // 4
             admin.config_resetstat()
             before = admin.info("all")
             sent, received = relay.bytes_from_clients, relay.bytes_from_server
-            queue = list(made)
+            queue = made[:count]
 
             async def caller(queue: list[Session] = queue) -> None:
                 while queue:
@@ -173,7 +176,7 @@ async def per_request(port: int, requests: int, kind: str) -> dict[str, Any]:
                         candidate.id, candidate.external_id, lambda c=candidate: c
                     )
 
-            await asyncio.gather(*(caller() for _ in range(64)))
+            await asyncio.gather(*(caller() for _ in range(callers)))
             after = admin.info("all")
             stats = {
                 name.removeprefix("cmdstat_"): int(value["calls"])
@@ -183,10 +186,10 @@ async def per_request(port: int, requests: int, kind: str) -> dict[str, Any]:
             stats.pop("config|resetstat", None)
             cpu = sum(after[k] - before[k] for k in ("used_cpu_user", "used_cpu_sys"))
             out[phase] = {
-                "commands": {k: round(v / requests, 3) for k, v in stats.items()},
-                "bytes_in": round((relay.bytes_from_clients - sent) / requests, 1),
-                "bytes_out": round((relay.bytes_from_server - received) / requests, 1),
-                "redis_cpu_us": round(cpu / requests * 1e6, 2),
+                "commands": {k: round(v / count, 3) for k, v in stats.items()},
+                "bytes_in": round((relay.bytes_from_clients - sent) / count, 1),
+                "bytes_out": round((relay.bytes_from_server - received) / count, 1),
+                "redis_cpu_us": round(cpu / count * 1e6, 2),
                 "key_bytes": len(session_key(made[0].id, made[0].external_id)),
                 "value_bytes": len(made[0].to_json()),
             }
@@ -206,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     if shutil.which("redis-server") is None:
         print("redis-server is needed", file=sys.stderr)
         return 2
+    # SIGTERM ends it through the `finally` below, which stops its redis-servers.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     tmp = Path(tempfile.mkdtemp(prefix="sentinel-capacity-"))
     results: dict[str, Any] = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     procs = []
@@ -236,9 +241,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Redis {results['redis']}, {args.sessions} sessions, {args.requests} requests\n")
     print(
         "| store | bytes/session (used_memory) | MEMORY USAGE | key B | value B "
-        "| create: commands, in/out B, Redis CPU us | hit: commands, in/out B, Redis CPU us |"
+        "| create: commands, in/out B, Redis CPU us | hit: commands, in/out B, Redis CPU us "
+        "| hit, one caller: Redis CPU us |"
     )
-    print("|---|---:|---:|---:|---:|---|---|")
+    print("|---|---:|---:|---:|---:|---|---|---:|")
     for name, row in results.items():
         if not isinstance(row, dict):
             continue
@@ -249,7 +255,8 @@ def main(argv: list[str] | None = None) -> int:
             cells.append(f"{commands}, {p['bytes_in']:g}/{p['bytes_out']:g}, {p['redis_cpu_us']:g}")
         print(
             f"| {name} | {row['used_memory_growth_per_session']:g} | {row['memory_usage_mean']:g} "
-            f"| {row['key_bytes_mean']:g} | {row['value_bytes_mean']:g} | {cells[0]} | {cells[1]} |"
+            f"| {row['key_bytes_mean']:g} | {row['value_bytes_mean']:g} | {cells[0]} | {cells[1]} "
+            f"| {row['hit, one caller']['redis_cpu_us']:g} |"
         )
     return 0
 

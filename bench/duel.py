@@ -14,7 +14,9 @@ itself stays within 5%.
 Prints the candidate's throughput over the base's for each round and their median: 1.10
 means the candidate serves 10% more requests on the same CPU. Same set-up as bench/run.py:
 Redis and the nginx mock on the second CPU, a conversation id in every body. With --cluster,
-both keep their sessions in a Redis Cluster of three masters there (`cluster = true`).
+both keep their sessions in a Redis Cluster of three masters there (`cluster = true`); with
+`--cluster candidate` only the candidate does, so `duel.py HEAD HEAD --cluster candidate`
+is what the cluster costs over one Redis.
 
 Either side may be `reference` instead of a commit: the aiohttp reference proxy of
 bench/run.py. `bench/duel.py reference HEAD` is then the throughput goal measured paired:
@@ -52,7 +54,7 @@ def worktree(tmp: Path, role: str, commit: str) -> Path:
 
 def start_sentinel(env: Env, tree: Path, name: str, upstream: str) -> tuple[int, run.Proc]:
     port = run.free_port(env.ports)
-    config = run.sentinel_config(env, upstream, cluster=env.args.cluster)
+    config = run.sentinel_config(env, upstream, cluster=env.args.cluster in ("both", name))
     argv = [
         env.python, "-m", "sentinel_proxy", "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
@@ -108,8 +110,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pool", type=int, default=10_000, help="distinct conversation ids")
     parser.add_argument(
         "--cluster",
-        action="store_true",
-        help=f"sessions in a Redis Cluster of {run.CLUSTER_MASTERS} masters (cluster = true)",
+        nargs="?",
+        const="both",
+        choices=("both", "base", "candidate"),
+        help=f"sessions in a Redis Cluster of {run.CLUSTER_MASTERS} masters (cluster = true); "
+        "`--cluster candidate` gives the cluster to the candidate only (the base keeps one "
+        "Redis): what the cluster costs",
     )
     parser.add_argument("--echo-module", help="path of ngx_http_echo_module.so")
     return parser.parse_args(argv)
@@ -171,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
     mode = "streaming" if args.stream else "non-streaming"
     if args.cluster:
-        mode += f", sessions in a {run.CLUSTER_MASTERS}-master Redis Cluster"
+        who = "" if args.cluster == "both" else f" for the {args.cluster} only"
+        mode += f", sessions in a {run.CLUSTER_MASTERS}-master Redis Cluster{who}"
     print(
         f"{args.candidate} vs {args.base}, {mode}, {args.conns} connections each, "
         f"{args.rounds} rounds "

@@ -311,6 +311,7 @@ class RedisStore:
         self._timeout = timeout
         self._accept = accept
         self._node = self._make_node(self._connection_kwargs, breaker, _PROBE_KEY)
+        self._redirected = False
 
     @property
     def breaker(self) -> CircuitBreaker:
@@ -379,11 +380,13 @@ class RedisStore:
 
     def _redirect(self, error: AskError) -> _Node | None:
         """Where a MOVED or ASK reply sends the command, if anywhere."""
-        logger.warning(
-            "Redis at %s answered %s: it is a Redis Cluster node (set session.cluster = true)",
-            self._node.name,
-            error.status_code,
-        )
+        if not self._redirected:
+            self._redirected = True
+            logger.warning(
+                "Redis at %s answered %s: it is a Redis Cluster node (set session.cluster = true)",
+                self._node.name,
+                error.status_code,
+            )
         return None
 
     async def _nodes(self) -> list[_Node]:
