@@ -274,6 +274,40 @@ async def test_a_dead_master_fails_only_its_conversations_within_the_budget(
         assert await get_or_create(store, session(cid, "b")) == (pin, False)
 
 
+async def test_a_restarted_master_is_used_again_by_itself(
+    store: RedisClusterStore, cluster: RedisCluster
+) -> None:
+    """A master dies and comes back on its own (no promotion): its conversations fail
+    meanwhile, the store opens its breaker, and uses it again once it is back. Without
+    persistence it comes back empty: its conversations are pinned afresh, the others keep
+    their pins."""
+    by_master = ids_by_master(cluster, 3)
+    pins = {}
+    for ids in by_master.values():
+        for cid in ids:
+            pins[cid], _ = await get_or_create(store, session(cid, "a", f"m-{cid}"))
+    victim = cluster.masters()[2]
+    cluster.kill(victim)
+    for cid in by_master[victim.port]:
+        with pytest.raises(StoreUnavailable):
+            await get_or_create(store, session(cid, "b", "m-b"))
+    assert store.breakers[f"127.0.0.1:{victim.port}"].state == "open"
+    victim.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            again = [await get_or_create(store, session(cid, "b", "m-b")) for cid in pins]
+            break
+        except StoreUnavailable:
+            assert time.monotonic() < deadline, "the restarted master was never used"
+            await asyncio.sleep(0.05)
+    for cid, (found, created) in zip(pins, again, strict=True):
+        if cid in by_master[victim.port]:
+            assert (found.model, created) == ("m-b", True)
+        else:
+            assert (found, created) == (pins[cid], False)
+
+
 async def test_a_frozen_master_costs_its_conversations_one_budget(
     store: RedisClusterStore, cluster: RedisCluster
 ) -> None:
