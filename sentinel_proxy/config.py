@@ -499,7 +499,8 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
             raise ConfigError("session.cluster", "needs session.redis_url: any node of the cluster")
         if urlsplit(redis_url).scheme == "unix":
             raise ConfigError("session.redis_url", "a cluster is reached over TCP, not unix://")
-        if urlsplit(redis_url).path.strip("/") not in ("", "0"):
+        database = parse_url(redis_url).get("db") or 0  # type: ignore[no-untyped-call]
+        if int(database) != 0:
             raise ConfigError("session.redis_url", "a Redis Cluster has database 0 only")
     elif sentinels and redis_url is not None and urlsplit(redis_url).scheme == "unix":
         raise ConfigError("session.redis_url", "the sentinels name a TCP primary: not unix://")

@@ -546,6 +546,7 @@ def test_cluster_and_sentinel_settings(tmp_path: Path) -> None:
     [
         ("cluster = true", "session.cluster", "needs session.redis_url"),
         ('redis_url = "redis://h:1/2"\ncluster = true', "session.redis_url", "database 0"),
+        ('redis_url = "redis://h:1?db=3"\ncluster = true', "session.redis_url", "database 0"),
         ('redis_url = "unix:///tmp/r.sock"\ncluster = true', "session.redis_url", "TCP"),
         ('redis_url = "redis://h:1"\ncluster = "yes"', "session.cluster", "true or false"),
         (
