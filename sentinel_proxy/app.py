@@ -1,8 +1,14 @@
 """ASGI wiring: the proxy route on raw ASGI, operational endpoints on Starlette, and the
-lifespan that owns the upstream transport and the session store."""
+lifespan that owns the upstream transport, the session store, the metrics and tracing.
+
+What a configuration decides per request (the router, the rewriter, timeouts: the `Proxy`)
+is built from it and reached through one reference; a reload builds a new one and swaps
+that reference. A request holds the Proxy it started with, so it finishes on the old
+configuration. The store and the upstream connections outlive reloads: pins stay pinned."""
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import hmac
 import logging
@@ -28,7 +34,8 @@ from sentinel_proxy.exceptions import (
     Unauthorized,
 )
 from sentinel_proxy.health import Health
-from sentinel_proxy.metrics import Metrics
+from sentinel_proxy.logs import REQUEST_ID_HEADER, client_request_id, new_request_id
+from sentinel_proxy.metrics import MeteredStore, Metrics, MetricsSlot
 from sentinel_proxy.proxy import Proxy
 from sentinel_proxy.relay import Receive, Send
 from sentinel_proxy.request import check_conversation_id
@@ -42,6 +49,9 @@ from sentinel_proxy.sessions import (
     Session,
     SessionStore,
 )
+from sentinel_proxy.sessions.base import Acceptor
+from sentinel_proxy.sessions.near import NearCache
+from sentinel_proxy.tracing import Tracing, create_tracing
 from sentinel_proxy.upstream import Upstream
 
 logger = logging.getLogger("sentinel_proxy")
@@ -50,14 +60,12 @@ logger = logging.getLogger("sentinel_proxy")
 # collections cost throughput (bench/RESULTS.md).
 GC_THRESHOLDS = (20_000, 20, 20)
 
-StoreFactory = Callable[[Config, Router], SessionStore]
+# `accept` says whether a stored session can still be served by the current configuration.
+StoreFactory = Callable[[Config, Acceptor], SessionStore]
 
 
-def create_store(config: Config, router: Router) -> SessionStore:
+def create_store(config: Config, accept: Acceptor) -> SessionStore:
     settings = config.session
-
-    def accept(session: Session) -> bool:
-        return router.pinned(session.provider, session.model) is not None
 
     def breaker() -> CircuitBreaker:
         return CircuitBreaker(
@@ -83,32 +91,52 @@ def create_store(config: Config, router: Router) -> SessionStore:
         return MemoryStore(
             ttl_seconds=ttl, max_sessions=settings.memory_max_sessions, accept=accept
         )
+    url = settings.redis_url.reveal()
     if settings.cluster:
         return RedisClusterStore(
-            settings.redis_url.reveal(),
+            url,
             ttl_seconds=ttl,
             timeout=timeout,
             max_connections=size,
             breakers=breaker,
             accept=accept,
         )
-    return RedisStore(
-        settings.redis_url.reveal(),
+    store = RedisStore(
+        url,
         ttl_seconds=ttl,
         timeout=timeout,
         max_connections=size,
         breaker=breaker(),
         accept=accept,
     )
+    if not settings.near_cache:
+        return store
+    return NearCache(
+        store,
+        url,
+        ttl_seconds=ttl,
+        renew_interval=settings.renew_interval_seconds,
+        max_entries=settings.near_cache_max_entries,
+        max_bytes=settings.near_cache_max_bytes,
+        timeout=timeout,
+        accept=accept,
+    )
 
 
 class _Runtime:
-    """What the lifespan builds and the routes use."""
+    """What the lifespan builds and the routes use: the current configuration, what is
+    built from it, and what outlives reloads (store, upstream connections, metrics)."""
 
-    proxy: Proxy | None = None
-    store: SessionStore | None = None
-    # Set by the first stop signal (server.py): readiness fails and connections close.
-    draining = False
+    def __init__(self, config: Config, router: Router) -> None:
+        self.config = config
+        self.router = router
+        self.proxy: Proxy | None = None
+        self.store: SessionStore | None = None
+        self.upstream: Upstream | None = None
+        self.metrics: Metrics | None = None
+        self.tracing: Tracing | None = None
+        # Set by the first stop signal (server.py): readiness fails and connections close.
+        self.draining = False
 
 
 def create_app(
@@ -117,48 +145,79 @@ def create_app(
     transport: httpx.AsyncBaseTransport | None = None,
     store_factory: StoreFactory = create_store,
     rand: Callable[[], float] = random.random,
+    metrics_slot: MetricsSlot | None = None,
 ) -> Gateway:
-    runtime = _Runtime()
-    health = Health(
-        threshold=config.routing.eject_after_failures, cooldown=config.routing.eject_seconds
-    )
-    router = Router(config, health=health, rand=rand)
-    metrics = Metrics()
+    """The app of `config`; `metrics_slot`: where a worker of several writes its metrics
+    (None: a process alone)."""
+    runtime = _Runtime(config, Router(config, rand=rand))
 
-    @asynccontextmanager
-    async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        store = store_factory(config, router)
-        upstream = Upstream(config.upstream, transport=transport, providers=config.providers)
-        try:
-            if not await store.ping():
-                logger.warning("the session store does not answer yet; /readyz reports it")
-            runtime.store = store
-            runtime.proxy = Proxy(
+    def accept(session: Session) -> bool:
+        # The current router, not the one of the start: a reload may have removed the
+        # provider, and such a session is replaced as one of an unknown provider.
+        return runtime.router.pinned(session.provider, session.model) is not None
+
+    def apply(config: Config) -> None:
+        health = Health(
+            threshold=config.routing.eject_after_failures, cooldown=config.routing.eject_seconds
+        )
+        router = Router(config, health=health, rand=rand)
+        store, upstream, metrics = runtime.store, runtime.upstream, runtime.metrics
+        if store is not None and upstream is not None and metrics is not None:
+            # Same transport, so the same connections; new timeouts.
+            upstream = upstream.reconfigured(config.upstream)
+            store.set_ttl(config.session.ttl_seconds)
+            metrics.configure(config)
+            proxy = Proxy(
                 config,
                 router=router,
                 health=health,
                 store=store,
                 upstream=upstream,
                 metrics=metrics,
+                tracing=runtime.tracing,
             )
-            # Everything made so far lives as long as the process: take it out of the
-            # collector's sight, which otherwise walks it again and again under load.
-            gc.freeze()
-            thresholds = gc.get_threshold()
-            gc.set_threshold(*GC_THRESHOLDS)
-            logger.info(
-                "sentinel-proxy ready: config=%s providers=%s store=%s",
-                config.source,
-                ",".join(p.name for p in config.providers),
-                type(store).__name__,
+            runtime.upstream, runtime.proxy = upstream, proxy
+        runtime.config, runtime.router = config, router
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async with contextlib.AsyncExitStack() as resources:
+            metrics = Metrics(runtime.config, metrics_slot)
+            resources.callback(metrics.close)
+            made = store_factory(runtime.config, accept)
+            breaker = made.breaker if isinstance(made, RedisStore | NearCache) else None
+            store = MeteredStore(made, metrics, breaker)
+            resources.push_async_callback(store.aclose)
+            # Every Upstream of a reload shares this one's transport.
+            upstream = Upstream(
+                runtime.config.upstream, transport=transport, providers=runtime.config.providers
             )
-            yield
-            gc.set_threshold(*thresholds)
-        finally:
-            runtime.proxy = None
-            await upstream.aclose()
-            await store.aclose()
-            runtime.store = None
+            resources.push_async_callback(upstream.aclose)
+            tracing = create_tracing(runtime.config.tracing)
+            if tracing is not None:
+                resources.push_async_callback(tracing.shutdown)
+            try:
+                if not await store.ping():
+                    logger.warning("the session store does not answer yet; /readyz reports it")
+                runtime.store, runtime.upstream = store, upstream
+                runtime.metrics, runtime.tracing = metrics, tracing
+                # From the configuration current now: a reload may have come during the ping.
+                apply(runtime.config)
+                # Everything made so far lives as long as the process: take it out of the
+                # collector's sight, which otherwise walks it again and again under load.
+                gc.freeze()
+                thresholds = gc.get_threshold()
+                gc.set_threshold(*GC_THRESHOLDS)
+                logger.info(
+                    "sentinel-proxy ready: config=%s providers=%s store=%s",
+                    runtime.config.source,
+                    ",".join(p.name for p in runtime.config.providers),
+                    type(made).__name__,
+                )
+                yield
+                gc.set_threshold(*thresholds)
+            finally:
+                runtime.proxy = runtime.upstream = runtime.store = runtime.metrics = None
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -171,16 +230,22 @@ def create_app(
             return JSONResponse({"status": "starting"}, status_code=503)
         if await store.ping():
             return JSONResponse({"status": "ready", "store": "ok"})
-        if config.session.on_store_error == "open":
+        if runtime.config.session.on_store_error == "open":
             return JSONResponse({"status": "ready", "store": "unreachable"})
         return JSONResponse({"status": "unready", "store": "unreachable"}, status_code=503)
 
     async def metrics_endpoint(request: Request) -> Response:
-        body, content_type = metrics.render()
+        if runtime.metrics is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
+        body, content_type = runtime.metrics.render()
         return Response(body, headers={"content-type": content_type})
 
     async def debug_session(request: Request) -> Response:
-        token = config.debug.token
+        debug = runtime.config.debug
+        if not debug.enabled:
+            # As if the route did not exist: it exists for a reload that enables it.
+            raise NotFound(f"No route for {request.url.path}; the API is under /v1.")
+        token = debug.token
         supplied = request.headers.get("authorization", "")
         expected = "Bearer " + (token.reveal() if token is not None else "")
         if token is None or not hmac.compare_digest(supplied.encode(), expected.encode()):
@@ -199,27 +264,38 @@ def create_app(
         StarletteRoute("/healthz", healthz, methods=["GET"]),
         StarletteRoute("/readyz", readyz, methods=["GET"]),
         StarletteRoute("/metrics", metrics_endpoint, methods=["GET"]),
+        StarletteRoute(
+            "/debug/session/{conversation_id:path}", debug_session, methods=["GET", "DELETE"]
+        ),
     ]
-    if config.debug.enabled:
-        routes.append(
-            StarletteRoute(
-                "/debug/session/{conversation_id:path}", debug_session, methods=["GET", "DELETE"]
-            )
-        )
     starlette = Starlette(
         routes=routes,
         lifespan=lifespan,
         exception_handlers={ProxyError: _proxy_error, HTTPException: _http_error},
     )
-    return Gateway(starlette, runtime)
+    return Gateway(starlette, runtime, apply)
 
 
 class Gateway:
     """Sends /v1 straight to the proxy (raw ASGI, the hot path) and the rest to Starlette."""
 
-    def __init__(self, starlette: Starlette, runtime: _Runtime) -> None:
+    def __init__(
+        self, starlette: Starlette, runtime: _Runtime, apply: Callable[[Config], None]
+    ) -> None:
         self.starlette = starlette
         self._runtime = runtime
+        self._apply = apply
+
+    @property
+    def config(self) -> Config:
+        """The configuration new requests are served with."""
+        return self._runtime.config
+
+    def reload(self, config: Config) -> None:
+        """Serve new requests with `config`; those in flight finish on the one they began
+        with. Settings of config.RESTART_SETTINGS must be those of the running config."""
+        self._apply(config)
+        logger.debug("serving the reloaded configuration")
 
     def drain(self) -> None:
         """From now on /readyz fails and every response closes its connection."""
@@ -250,8 +326,10 @@ def _closing(send: Send) -> Send:
 
 async def _proxy_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, ProxyError)
-    body = error_body(exc)
-    headers = {k.decode(): v.decode() for k, v in error_headers(exc, body)}
+    sent = request.headers.get(REQUEST_ID_HEADER.decode())
+    request_id = (sent and client_request_id(sent.encode("latin-1"))) or new_request_id()
+    body = error_body(exc, request_id)
+    headers = {k.decode(): v.decode() for k, v in error_headers(exc, body, request_id)}
     return Response(body, status_code=exc.status_code, headers=headers)
 
 

@@ -5,6 +5,7 @@ configuration). `sentinel-proxy check-config [PATH]` loads it and prints it inst
 from __future__ import annotations
 
 import argparse
+import functools
 import logging.config
 import os
 import sys
@@ -72,8 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGHUP reads the configuration again as here: the same file, environment and flags.
+    load = functools.partial(resolve_config, args, os.environ)
     try:
-        config = resolve_config(args, os.environ)
+        config = load()
     except ConfigError as exc:
         print(f"sentinel-proxy: configuration error: {exc}", file=sys.stderr)
         return 2
@@ -84,9 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     raise_file_limit(file_descriptors(config))
     options = uvicorn_options(config)
     if config.server.workers == 1:
-        return serve(config, options)
+        return serve(config, options, load=load)
     logging.config.dictConfig(options["log_config"])
-    return run_workers(config, uvicorn_options)
+    return run_workers(config, uvicorn_options, load)
 
 
 def resolve_config(args: argparse.Namespace, env: Mapping[str, str]) -> Config:

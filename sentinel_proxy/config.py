@@ -11,7 +11,7 @@ import re
 import resource
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
@@ -34,6 +34,9 @@ DEFAULT_STORE_TIMEOUT = 0.25
 DEFAULT_BREAKER_FAILURES = 5
 DEFAULT_BREAKER_RESET = 5.0
 DEFAULT_MEMORY_MAX_SESSIONS = 100_000
+DEFAULT_NEAR_CACHE_ENTRIES = 100_000
+DEFAULT_NEAR_CACHE_BYTES = 64 * 1024 * 1024
+DEFAULT_RENEW_INTERVAL = 60.0
 DEFAULT_REDIS_MAX_CONNECTIONS = 256
 DEFAULT_MAX_BODY_BYTES = 10 * 1024 * 1024
 DEFAULT_CONNECT_TIMEOUT = 10.0
@@ -67,6 +70,7 @@ MAX_NAME_LENGTH = 256
 DEMO_DOMAIN = "sentinel.invalid"
 DEMO_ALIAS = "demo"
 DEMO_TARGETS = (("demo-a", "demo-small"), ("demo-b", "demo-large"))
+DEFAULT_SERVICE_NAME = "sentinel-proxy"
 # Headers that mean something else to HTTP or to the proxy: never a conversation id.
 _RESERVED_HEADERS = frozenset(
     {
@@ -228,6 +232,13 @@ class SessionConfig:
     breaker_reset_seconds: float = DEFAULT_BREAKER_RESET
     redis_max_connections: int = DEFAULT_REDIS_MAX_CONNECTIONS
     memory_max_sessions: int = DEFAULT_MEMORY_MAX_SESSIONS
+    # Pins kept in each process, invalidated by Redis (sessions/near.py); Redis only.
+    near_cache: bool = True
+    near_cache_max_entries: int = DEFAULT_NEAR_CACHE_ENTRIES
+    near_cache_max_bytes: int = DEFAULT_NEAR_CACHE_BYTES
+    # With the near-cache, a key's TTL is renewed at most this often per process (and at
+    # least every half TTL).
+    renew_interval_seconds: float = DEFAULT_RENEW_INTERVAL
     # redis_url names any node of a Redis Cluster.
     cluster: bool = False
     # Redis Sentinel: (host, port) of each sentinel, and the name of the monitored primary.
@@ -262,6 +273,22 @@ class DebugConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class MetricsConfig:
+    # Model names counted under their own label besides aliases and their targets.
+    models: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class TracingConfig:
+    # The OTLP/HTTP URL spans are sent to; None: tracing is off.
+    endpoint: str | None = None
+    service_name: str = DEFAULT_SERVICE_NAME
+    # The HMAC key of the conversation ids in spans; None: one of this process's own
+    # (the hashes then differ between processes).
+    conversation_key: Secret | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     providers: tuple[Provider, ...]
     aliases: Mapping[str, Alias] = field(default_factory=dict)
@@ -271,6 +298,8 @@ class Config:
     session: SessionConfig = SessionConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     debug: DebugConfig = DebugConfig()
+    metrics: MetricsConfig = MetricsConfig()
+    tracing: TracingConfig = TracingConfig()
     source: str = "defaults"
     # Loaded for --demo: providers and aliases are the built-in demo ones.
     demo: bool = False
@@ -296,7 +325,18 @@ def load_config(
     _only(
         raw,
         "",
-        {"server", "session", "upstream", "providers", "models", "routing", "users", "debug"},
+        {
+            "server",
+            "session",
+            "upstream",
+            "providers",
+            "models",
+            "routing",
+            "users",
+            "debug",
+            "metrics",
+            "tracing",
+        },
     )
     server = _server(_table(raw, "server"), env, overrides or {})
     session = _session(_table(raw, "session"), env)
@@ -316,6 +356,8 @@ def load_config(
         session=session,
         upstream=_upstream(_table(raw, "upstream")),
         debug=_debug(_table(raw, "debug")),
+        metrics=_metrics(_table(raw, "metrics")),
+        tracing=_tracing(_table(raw, "tracing"), env, session.hash_key),
         source=path or "defaults",
         demo=demo,
     )
@@ -345,6 +387,45 @@ def file_descriptors(config: Config) -> int:
         + redis
         + FILE_DESCRIPTOR_RESERVE
     )
+
+
+# Settings held by what lives as long as the process: the listening sockets, the workers,
+# the protocol class and logging (all of [server]), the session store's connections and the
+# upstream pool. A reload keeps their running values.
+RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
+    "server": tuple(f.name for f in fields(ServerConfig)),
+    "session": (
+        "redis_url",
+        "timeout_seconds",
+        "breaker_failures",
+        "breaker_reset_seconds",
+        "redis_max_connections",
+        "memory_max_sessions",
+        "near_cache",
+        "near_cache_max_entries",
+        "near_cache_max_bytes",
+        "renew_interval_seconds",
+        "cluster",
+        "sentinels",
+        "sentinel_service",
+    ),
+    "upstream": ("max_connections",),
+    # The exporter is made at start.
+    "tracing": ("endpoint", "service_name"),
+}
+
+
+def keep_restart_settings(running: Config, loaded: Config) -> tuple[Config, list[str]]:
+    """`loaded` with the running values of RESTART_SETTINGS, and the keys of those whose
+    loaded value differs (and so waits for a restart)."""
+    waiting: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, names in RESTART_SETTINGS.items():
+        old, new = getattr(running, section), getattr(loaded, section)
+        kept = {name: getattr(old, name) for name in names}
+        waiting += [f"{section}.{name}" for name in names if getattr(new, name) != kept[name]]
+        sections[section] = replace(new, **kept)
+    return replace(loaded, **sections), waiting
 
 
 def _check_file_limit(config: Config) -> None:
@@ -460,6 +541,10 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
             "cluster",
             "sentinels",
             "sentinel_service",
+            "near_cache",
+            "near_cache_max_entries",
+            "near_cache_max_bytes",
+            "renew_interval_seconds",
         },
     )
     merged = {**raw}
@@ -482,6 +567,8 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
                 "bytes (the same on every replica)",
             )
         hash_key = Secret(value)
+    ttl = _int(merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1, high=MAX_SESSION_TTL)
+    renew = _float(merged, "session.", "renew_interval_seconds", DEFAULT_RENEW_INTERVAL)
     mode = _str(merged, "session.", "on_store_error", "closed")
     if mode not in ("closed", "open"):
         raise ConfigError("session.on_store_error", 'must be "closed" or "open"')
@@ -504,11 +591,17 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
             raise ConfigError("session.redis_url", "a Redis Cluster has database 0 only")
     elif sentinels and redis_url is not None and urlsplit(redis_url).scheme == "unix":
         raise ConfigError("session.redis_url", "the sentinels name a TCP primary: not unix://")
+    near_cache = _bool(merged, "session.", "near_cache", True)
+    if cluster or sentinels:
+        # Its invalidations come over one tracking connection to one server.
+        if "near_cache" in merged and near_cache:
+            raise ConfigError(
+                "session.near_cache", "works with one Redis only, not with cluster or sentinels"
+            )
+        near_cache = False
     return SessionConfig(
         redis_url=Secret(redis_url) if redis_url else None,
-        ttl_seconds=_int(
-            merged, "session.", "ttl_seconds", DEFAULT_SESSION_TTL, low=1, high=MAX_SESSION_TTL
-        ),
+        ttl_seconds=ttl,
         id_sources=id_sources,
         hash_key=hash_key,
         on_store_error=mode,  # type: ignore[arg-type]
@@ -528,6 +621,14 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
         cluster=cluster,
         sentinels=sentinels,
         sentinel_service=service,
+        near_cache=near_cache,
+        near_cache_max_entries=_int(
+            merged, "session.", "near_cache_max_entries", DEFAULT_NEAR_CACHE_ENTRIES, low=1
+        ),
+        near_cache_max_bytes=_int(
+            merged, "session.", "near_cache_max_bytes", DEFAULT_NEAR_CACHE_BYTES, low=1024
+        ),
+        renew_interval_seconds=renew,
     )
 
 
@@ -894,6 +995,51 @@ def _debug(raw: dict[str, Any]) -> DebugConfig:
 _OPENAI_HOST = "api.openai.com"
 _EXTERNAL_ID = re.compile(r"[A-Za-z0-9._-]+")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _metrics(raw: dict[str, Any]) -> MetricsConfig:
+    _only(raw, "metrics.", {"models"})
+    models = raw.get("models", [])
+    if not isinstance(models, list):
+        raise ConfigError("metrics.models", "must be an array of model names")
+    for index, model in enumerate(models):
+        if not is_valid_name(model):
+            raise ConfigError(f"metrics.models[{index}]", _NAME_RULE)
+    return MetricsConfig(models=tuple(models))
+
+
+def _tracing(raw: dict[str, Any], env: Mapping[str, str], hash_key: Secret | None) -> TracingConfig:
+    """On when OTEL_EXPORTER_OTLP_TRACES_ENDPOINT or OTEL_EXPORTER_OTLP_ENDPOINT is set (as
+    the OpenTelemetry SDK reads them), unless OTEL_SDK_DISABLED is true. The SDK reads the
+    other OTEL_* variables (headers, timeout, sampler, batching, resource) itself."""
+    _only(raw, "tracing.", {"conversation_key_env"})
+    # The session's HMAC key, the same on every replica, unless tracing has one of its own.
+    key = hash_key
+    if "conversation_key_env" in raw:
+        variable = _str(raw, "tracing.", "conversation_key_env", None)
+        if not env.get(variable):
+            raise ConfigError(
+                "tracing.conversation_key_env", f"environment variable {variable} is not set"
+            )
+        key = Secret(env[variable])
+    endpoint = env.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or None
+    name = "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    if endpoint is None and env.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        name = "OTEL_EXPORTER_OTLP_ENDPOINT"
+        endpoint = env[name].rstrip("/") + "/v1/traces"
+    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        endpoint = None
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(name, "must be an http:// or https:// URL")
+    return TracingConfig(
+        endpoint=endpoint,
+        service_name=env.get("OTEL_SERVICE_NAME") or DEFAULT_SERVICE_NAME,
+        conversation_key=key,
+    )
+
+
 _NAME_RULE = f"must be at most {MAX_NAME_LENGTH} printable characters, no space at either end"
 
 

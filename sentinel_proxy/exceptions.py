@@ -18,6 +18,7 @@ The errors sentinel-proxy raises, translated from lower libraries at each seam.
         ├── TargetUnavailable    503 + Retry-After (a pinned target failed; its alias says "error")
         ├── UpstreamPoolExhausted  503 + Retry-After (no free upstream connection in time)
         ├── Overloaded           503 + Retry-After (past server.max_connections)
+        ├── ConfigurationChanged 503 + Retry-After (a reload changed the providers under it)
         └── UpstreamError
             ├── UpstreamUnavailable  502 (refused, reset or broken before the response)
             ├── UpstreamBadResponse  502 (not valid HTTP: status, malformed headers)
@@ -140,6 +141,12 @@ class Overloaded(ProxyError):
 class TargetUnavailable(ProxyError):
     status_code = 503
     code = "target_unavailable"
+    retry_after = True
+
+
+class ConfigurationChanged(ProxyError):
+    status_code = 503
+    code = "configuration_changed"
     retry_after = True
 
 

@@ -1,12 +1,15 @@
 """Logging: one line per proxied request, as text or JSON, with uvicorn's own loggers
-formatted the same way."""
+formatted the same way; request ids, and every line logged while serving a request
+marked with its id."""
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import threading
 import time
+from contextvars import ContextVar
 from typing import IO, Any
 
 import orjson
@@ -14,6 +17,16 @@ import orjson
 from sentinel_proxy.config import LogFormat
 
 access_logger = logging.getLogger("sentinel_proxy.access")
+
+REQUEST_ID_HEADER = b"x-request-id"
+# A client's x-request-id longer than this, or with other than printable ASCII, is replaced.
+MAX_REQUEST_ID_LENGTH = 128
+# The id of the request being served in this task, read by the formatters: a context
+# variable costs about 0.15 µs a request to set and reset.
+current_request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
+# Mersenne Twister, seeded from os.urandom in each process: ids need to be unique, not
+# secret, and it makes one without a syscall (0.33 µs against os.urandom's 0.45).
+_random_bits = random.Random().getrandbits
 
 # How late a log line may reach stderr; warnings and worse are written at once.
 FLUSH_INTERVAL_SECONDS = 0.2
@@ -29,6 +42,20 @@ _ESCAPES = {
 def escape(text: str) -> str:
     """`text` with control characters written as escapes."""
     return text if text.isprintable() else text.translate(_ESCAPES)
+
+
+def new_request_id() -> str:
+    return _random_bits(128).to_bytes(16).hex()
+
+
+def client_request_id(value: bytes) -> str | None:
+    """A client's x-request-id, when it is one to keep: 1 to MAX_REQUEST_ID_LENGTH
+    printable ASCII characters."""
+    if 0 < len(value) <= MAX_REQUEST_ID_LENGTH and value.isascii():
+        text = value.decode()
+        if text.isprintable():
+            return text
+    return None
 
 
 def access_log(fields: dict[str, Any]) -> None:
@@ -63,6 +90,10 @@ class TextFormatter(logging.Formatter):
             line += " " + " ".join(
                 f"{k}={escape(str(v))}" for k, v in fields.items() if v is not None
             )
+        else:
+            request_id = current_request_id.get()
+            if request_id is not None:
+                line += " request_id=" + request_id
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
@@ -80,6 +111,10 @@ class JsonFormatter(logging.Formatter):
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
+        else:
+            request_id = current_request_id.get()
+            if request_id is not None:
+                entry["request_id"] = request_id
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()

@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from typing import Any
 
 from sentinel_proxy.config import Config, User
 from sentinel_proxy.errors import send_error
 from sentinel_proxy.exceptions import (
+    ConfigurationChanged,
     InvalidRequest,
     ProxyError,
     StoreUnavailable,
@@ -23,19 +23,28 @@ from sentinel_proxy.exceptions import (
 )
 from sentinel_proxy.health import Health, is_target_failure
 from sentinel_proxy.identity import IMPLICIT, Identity
-from sentinel_proxy.logs import access_log
+from sentinel_proxy.logs import (
+    REQUEST_ID_HEADER,
+    access_log,
+    client_request_id,
+    current_request_id,
+    new_request_id,
+)
 from sentinel_proxy.metrics import Metrics
 from sentinel_proxy.relay import DisconnectWatcher, Receive, Send, relay
 from sentinel_proxy.request import ClientDisconnected, IdSources, InboundRequest, read_request
 from sentinel_proxy.rewrite import Rewriter
 from sentinel_proxy.routing import Route, Router
 from sentinel_proxy.sessions import Session, SessionStore
+from sentinel_proxy.tracing import Tracing
 from sentinel_proxy.upstream import Upstream, UpstreamResponse
 from sentinel_proxy.users import Users
 
 logger = logging.getLogger("sentinel_proxy.proxy")
 
 HIT, CREATED, NONE, DEGRADED = "hit", "created", "none", "degraded"
+# The upstream's own request id, under a name of its own: x-request-id is the proxy's.
+UPSTREAM_REQUEST_ID_HEADER = b"x-upstream-request-id"
 # Logged and counted (never sent) for a client that left before its response was complete,
 # or stopped reading it.
 CLIENT_CLOSED_REQUEST = 499
@@ -53,8 +62,10 @@ class Proxy:
         store: SessionStore,
         upstream: Upstream,
         metrics: Metrics,
+        tracing: Tracing | None = None,
     ) -> None:
         self._metrics = metrics
+        self._tracing = tracing
         self._router = router
         self._health = health
         self._store = store
@@ -72,18 +83,27 @@ class Proxy:
 
     async def __call__(self, scope: dict[str, Any], receive: Receive, send: Send) -> None:
         started = time.perf_counter()
+        request_id = _request_id(scope)
+        token = current_request_id.set(request_id)
         fields: dict[str, Any] = {
-            "request_id": os.urandom(8).hex(),
+            "request_id": request_id,
             "method": scope["method"],
             "path": scope["path"],
         }
+        span = None
+        if self._tracing is not None:
+            span, scope["headers"] = self._tracing.start(
+                scope["method"], scope["path"], scope["headers"]
+            )
         status = 0
         try:
-            status = await self._serve(scope, receive, send, fields)
+            status = await self._serve(scope, receive, send, fields, started)
         except ProxyError as exc:
             status = exc.status_code
             fields["error"] = exc.code
-            await send_error(send, exc, extra_headers=_outcome_headers(fields))
+            await send_error(
+                send, exc, request_id=request_id, extra_headers=_outcome_headers(fields)
+            )
         except ClientDisconnected:
             status = CLIENT_CLOSED_REQUEST
             fields["error"] = "client_disconnected"
@@ -94,9 +114,18 @@ class Proxy:
             self._metrics.request(
                 fields.get("provider", ""), fields.get("model"), status, fields.get("session")
             )
+            if span is not None:
+                assert self._tracing is not None
+                self._tracing.finish(span, fields, status)
+            current_request_id.reset(token)
 
     async def _serve(
-        self, scope: dict[str, Any], receive: Receive, send: Send, fields: dict[str, Any]
+        self,
+        scope: dict[str, Any],
+        receive: Receive,
+        send: Send,
+        fields: dict[str, Any],
+        started: float,
     ) -> int:
         inbound = await read_request(
             scope, receive, max_body_bytes=self._max_body, sources=self._sources
@@ -124,9 +153,17 @@ class Proxy:
             waited = time.perf_counter() - sent
             fields["upstream_ms"] = round(waited * 1000, 2)
             self._metrics.upstream_latency(route.provider.name, waited)
+            _keep_upstream_request_id(response.headers)
+            headers = _outcome_headers(fields)
+            headers.append((REQUEST_ID_HEADER, fields["request_id"].encode()))
             self._metrics.open_streams.inc()
             try:
-                await relay(response, send, extra_headers=_outcome_headers(fields), watcher=watcher)
+                first_byte = await relay(response, send, extra_headers=headers, watcher=watcher)
+                self._metrics.first_byte(route.provider.name, first_byte - started)
+                if inbound.payload is not None and inbound.payload.get("stream") is True:
+                    self._metrics.stream_duration(
+                        route.provider.name, time.perf_counter() - first_byte
+                    )
             except ProxyError as exc:
                 # The response has started: all that is left is to cut the connection, so
                 # the client sees a truncated body rather than a complete-looking one. It
@@ -134,12 +171,7 @@ class Proxy:
                 fields["error"] = "broken_stream"
                 fields["upstream_status"] = response.status_code
                 self._metrics.broken_stream(route.provider.name)
-                logger.warning(
-                    "broken stream from %s (request %s): %s",
-                    route.provider.name,
-                    fields["request_id"],
-                    exc.message,
-                )
+                logger.warning("broken stream from %s: %s", route.provider.name, exc.message)
                 return exc.status_code
             finally:
                 self._metrics.open_streams.dec()
@@ -222,12 +254,11 @@ class Proxy:
             pinned = self._router.pinned(session.provider, session.model, failed.alias)
             replacement = pinned or replacement
         logger.warning(
-            "failing over from %s/%s to %s/%s (request %s, conversation %s)",
+            "failing over from %s/%s to %s/%s (conversation %s)",
             failed.provider.name,
             failed.model,
             replacement.provider.name,
             replacement.model,
-            fields["request_id"],
             fields.get("conversation_id"),
         )
         return replacement, session
@@ -281,7 +312,10 @@ class Proxy:
             users.check_allowed(user, model)
             return self._router.select(model), DEGRADED, None
         pinned = self._router.pinned(session.provider, session.model, model)
-        assert pinned is not None  # the store only returns sessions the router accepts
+        if pinned is None:
+            # The store accepts what the current configuration serves: pinned, by a request
+            # after a reload, to a provider this request's older configuration lacks.
+            raise ConfigurationChanged("The configuration changed during this request; retry it.")
         if created:
             logger.debug("session miss for conversation %s", session.id)
             logger.info(
@@ -312,8 +346,31 @@ def _model_required() -> InvalidRequest:
     return InvalidRequest("model field is required", param="model")
 
 
+def _request_id(scope: dict[str, Any]) -> str:
+    """The client's x-request-id when it is one to keep, else a new one; the headers that
+    go upstream then carry the id, and only it."""
+    headers: list[tuple[bytes, bytes]] = scope["headers"]
+    for name, value in headers:
+        if name == REQUEST_ID_HEADER:
+            request_id = client_request_id(value)
+            if request_id is not None:
+                return request_id
+            headers = [(n, v) for n, v in headers if n != REQUEST_ID_HEADER]
+            break
+    request_id = new_request_id()
+    scope["headers"] = [*headers, (REQUEST_ID_HEADER, request_id.encode())]
+    return request_id
+
+
+def _keep_upstream_request_id(headers: list[tuple[bytes, bytes]]) -> None:
+    """Rename the upstream's x-request-id, so the client's x-request-id is ours alone."""
+    for index, (name, value) in enumerate(headers):
+        if len(name) == len(REQUEST_ID_HEADER) and name.lower() == REQUEST_ID_HEADER:
+            headers[index] = (UPSTREAM_REQUEST_ID_HEADER, value)
+
+
 def _outcome_headers(fields: dict[str, Any]) -> list[tuple[bytes, bytes]]:
-    headers = [(b"x-sentinel-request-id", fields["request_id"].encode())]
+    headers = []
     for name, key in (
         (b"x-sentinel-provider", "provider"),
         (b"x-sentinel-model", "model"),

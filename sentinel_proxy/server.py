@@ -6,6 +6,10 @@ sockets close (new connections are refused), requests in flight finish for up to
 A keep-alive connection that is still open meanwhile is served, with `Connection: close`,
 so a load balancer polling /readyz on it sees the 503 rather than a dropped connection.
 A second signal cuts everything at once.
+
+SIGHUP reloads the configuration (reload.py) inside the event loop. Under `--workers` the
+supervisor handles SIGHUP and sends each worker the new configuration through a pipe,
+which the worker's loop reads.
 """
 
 from __future__ import annotations
@@ -14,17 +18,21 @@ import asyncio
 import contextlib
 import logging
 import math
+import pickle
 import signal
 import socket
 from collections.abc import Callable, Collection, Generator
+from multiprocessing.connection import Connection
 from types import FrameType
 from typing import Any
 
 import uvicorn
 from uvicorn.config import STARTUP_FAILURE
 
-from sentinel_proxy.app import create_app
+from sentinel_proxy.app import Gateway, create_app
 from sentinel_proxy.config import Config
+from sentinel_proxy.metrics import MetricsSlot
+from sentinel_proxy.reload import Loader, reread
 
 logger = logging.getLogger("sentinel_proxy.server")
 
@@ -43,22 +51,38 @@ class Server(uvicorn.Server):
         on_drain: Callable[[], None],
         on_ready: Callable[[], None] | None = None,
         stop_signals: Collection[signal.Signals] = STOP_SIGNALS,
+        on_hangup: Callable[[], None] | None = None,
     ) -> None:
         super().__init__(config)
         self._on_drain = on_drain
         self._on_ready = on_ready
         self._stop_signals = stop_signals
+        self._on_hangup = on_hangup
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
         # Unlike uvicorn's, the signal is not raised again afterwards: a stop that was
         # asked for is a clean exit, with no KeyboardInterrupt and no status -15.
         previous = {sig: signal.signal(sig, self.handle_exit) for sig in self._stop_signals}
+        loop = asyncio.get_running_loop()
+        hangup = signal.getsignal(signal.SIGHUP)
+        if self._on_hangup is not None:
+            # Run by the loop between two callbacks, never in the middle of a request's code.
+            loop.add_signal_handler(signal.SIGHUP, self._hangup)
         try:
             yield
         finally:
+            if self._on_hangup is not None:
+                loop.remove_signal_handler(signal.SIGHUP)
+                signal.signal(signal.SIGHUP, hangup or signal.SIG_DFL)
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+
+    def _hangup(self) -> None:
+        if self.should_exit:
+            logger.info("SIGHUP while stopping: the configuration is not reloaded")
+        elif self._on_hangup is not None:
+            self._on_hangup()
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit:
@@ -107,14 +131,51 @@ def serve(
     sockets: list[socket.socket] | None = None,
     on_ready: Callable[[], None] | None = None,
     stop_signals: Collection[signal.Signals] = STOP_SIGNALS,
+    load: Loader | None = None,
+    updates: Connection | None = None,
+    metrics_slot: MetricsSlot | None = None,
 ) -> int:
-    """Serve `config` with uvicorn `options` until a signal stops it; the exit status."""
-    app = create_app(config)
+    """Serve `config` with uvicorn `options` until a signal stops it; the exit status.
+
+    With `load`, SIGHUP reloads the configuration with it. With `updates`, every Config
+    that arrives there is served from then on (a worker, whose supervisor reloads)."""
+    app = create_app(config, metrics_slot=metrics_slot)
+
+    def hangup() -> None:
+        assert load is not None
+        reloaded = reread(app.config, load)
+        if reloaded is not None:
+            app.reload(reloaded)
+
+    def ready() -> None:
+        if updates is not None:
+            # Before the supervisor learns that this worker is ready, and so before it
+            # sends any connection here: whatever arrived during the start is applied.
+            _follow(updates, app)
+        if on_ready is not None:
+            on_ready()
+
     server = Server(
         uvicorn.Config(app, **options),
         on_drain=app.drain,
-        on_ready=on_ready,
+        on_ready=ready,
         stop_signals=stop_signals,
+        on_hangup=hangup if load is not None else None,
     )
     server.run(sockets=sockets)
     return 0 if server.started else STARTUP_FAILURE
+
+
+def _follow(updates: Connection, app: Gateway) -> None:
+    """Apply each Config sent on `updates`, now and whenever the loop finds more."""
+    loop = asyncio.get_running_loop()
+
+    def receive() -> None:
+        try:
+            while updates.poll():
+                app.reload(pickle.loads(updates.recv_bytes()))
+        except EOFError:  # the supervisor is gone; PR_SET_PDEATHSIG stops this worker
+            loop.remove_reader(updates.fileno())
+
+    receive()
+    loop.add_reader(updates.fileno(), receive)

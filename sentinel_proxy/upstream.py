@@ -113,6 +113,11 @@ class Upstream:
             )
         return UpstreamResponse(response)
 
+    def reconfigured(self, config: UpstreamConfig) -> Upstream:
+        """An Upstream with `config`'s timeouts on this one's transport and connections
+        (a reload: the pool's size stays as it began)."""
+        return Upstream(config, transport=self._transport)
+
     async def aclose(self) -> None:
         await self._transport.aclose()
 

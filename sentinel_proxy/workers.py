@@ -14,25 +14,38 @@ connection waits on a worker that is starting or dead while another one serves.
 
 The supervisor loads the configuration; each worker gets that `Config` object (pickled
 through the spawn pipe, never through argv or the environment) and its slot's socket,
-which the slot keeps for its replacement workers. A worker exits when the supervisor dies
-(PR_SET_PDEATHSIG: it drains as on SIGTERM). A worker that dies is replaced, after a
-delay that doubles with each quick failure; after MAX_QUICK_FAILURES in a row the
-supervisor stops the others and exits 1.
+which the slot keeps for its replacement workers. On SIGHUP the supervisor reads the
+configuration again, once (reload.py); when it loads, it becomes the one replacement
+workers get, and each running worker is sent it through a pipe of its own, which the
+worker's event loop reads. Workers never read the file themselves.
+
+A worker exits when the supervisor dies (PR_SET_PDEATHSIG: it drains as on SIGTERM). A
+worker that dies is replaced, after a delay that doubles with each quick failure; after
+MAX_QUICK_FAILURES in a row the supervisor stops the others and exits 1.
+
+The supervisor makes a directory for the workers' metrics files (metrics.py), where each
+slot's worker writes and any worker reads them all for a scrape; it is removed at exit.
 
 The first SIGTERM or SIGINT closes the supervisor's sockets and passes SIGTERM on, so every
 worker drains (server.py); a second one is passed on too, and cuts what is left. Workers
-ignore SIGINT: Ctrl-C reaches the whole process group, and the supervisor speaks for them.
+ignore SIGINT and SIGHUP: Ctrl-C or a hangup reaches the whole process group, and the
+supervisor speaks for them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import logging
 import multiprocessing
 import os
+import pickle
+import shutil
 import signal
 import socket
 import struct
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -42,6 +55,8 @@ from types import FrameType
 from typing import Any
 
 from sentinel_proxy.config import Config
+from sentinel_proxy.metrics import MetricsSlot, forget_worker
+from sentinel_proxy.reload import Loader, reread
 from sentinel_proxy.server import serve
 
 logger = logging.getLogger("sentinel_proxy.workers")
@@ -54,6 +69,10 @@ RESTART_DELAY_SECONDS = 0.5
 RESTART_DELAY_MAX_SECONDS = 30.0
 # This many quick failures in a row in one slot, and the supervisor gives up.
 MAX_QUICK_FAILURES = 5
+# A pipe's room unless the supervisor asks for more (Linux's default).
+_PIPE_BYTES = 64 * 1024
+# Signals for the workers' processes to ignore: the supervisor speaks for them.
+_WORKER_IGNORED = (signal.SIGINT, signal.SIGHUP)
 
 Options = Callable[[Config], dict[str, Any]]
 
@@ -137,6 +156,8 @@ class _Slot:
     sock: socket.socket
     process: BaseProcess | None = None
     ready_pipe: Connection | None = None
+    # The supervisor's end of the pipe on which the worker receives reloaded configurations.
+    updates: Connection | None = None
     ready: bool = False
     started_at: float = 0.0
     quick_failures: int = 0
@@ -146,15 +167,18 @@ class _Slot:
 class Supervisor:
     """Runs the workers of `config` until a signal stops them or one keeps failing.
 
-    `config` is the current configuration: every worker started is given it."""
+    `config` is the current configuration: every worker started is given it. `load`
+    reads it again on SIGHUP."""
 
-    def __init__(self, config: Config, options: Options) -> None:
+    def __init__(self, config: Config, options: Options, load: Loader | None = None) -> None:
         self.config = config
         self._options = options
+        self._load = load
         self._context = multiprocessing.get_context("spawn")
         self._slots: list[_Slot] = []
         self._stopping = False
         self._status = 0
+        self._metrics_directory = ""
 
     def run(self) -> int:
         """Serve until stopped; the exit status (1 when a worker kept failing)."""
@@ -171,13 +195,16 @@ class Supervisor:
         wakeup_read, wakeup_write = os.pipe()
         os.set_blocking(wakeup_write, False)
         previous = {
-            sig: signal.signal(sig, _note_signal) for sig in (signal.SIGTERM, signal.SIGINT)
+            sig: signal.signal(sig, _note_signal)
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
         previous_wakeup = signal.set_wakeup_fd(wakeup_write)
+        self._metrics_directory = tempfile.mkdtemp(prefix="sentinel-metrics-")
         try:
             for slot in self._slots:
                 self._start(slot)
-            while any(slot.process is not None for slot in self._slots):
+            # Until no worker runs or waits for its restart (_stop cancels restarts).
+            while any(s.process is not None or s.restart_at is not None for s in self._slots):
                 self._turn(wakeup_read)
         finally:
             signal.set_wakeup_fd(previous_wakeup)
@@ -186,6 +213,7 @@ class Supervisor:
             os.close(wakeup_read)
             os.close(wakeup_write)
             self._close_sockets()
+            shutil.rmtree(self._metrics_directory, ignore_errors=True)
         return self._status
 
     def _turn(self, wakeup: int) -> None:
@@ -200,8 +228,11 @@ class Supervisor:
         timeout = max(0.0, min(due) - time.monotonic()) if due else None
         woken = wait(waiting, timeout)
         if wakeup in woken:
-            for _ in os.read(wakeup, 64):
-                self._on_signal()
+            for signum in os.read(wakeup, 64):
+                if signum == signal.SIGHUP:
+                    self._reload()
+                else:
+                    self._on_signal()
         for slot in self._slots:
             if slot.ready_pipe is not None and slot.ready_pipe in woken:
                 self._on_ready(slot)
@@ -213,22 +244,35 @@ class Supervisor:
     def _start(self, slot: _Slot) -> None:
         slot.restart_at = None
         reader, writer = self._context.Pipe(duplex=False)
+        updates_reader, updates = self._context.Pipe(duplex=False)
         process = self._context.Process(
             target=_work,
-            args=(self.config, self._options, slot.sock, writer, os.getpid()),
+            args=(
+                self.config,
+                self._options,
+                slot.sock,
+                writer,
+                os.getpid(),
+                updates_reader,
+                MetricsSlot(self._metrics_directory, slot.index),
+            ),
             name=f"sentinel-proxy-worker-{slot.index}",
         )
-        # SIG_IGN survives exec, so the worker ignores SIGINT from its first instruction;
-        # blocked meanwhile, a Ctrl-C for the supervisor waits instead of being lost.
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-        handler = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # SIG_IGN survives exec, so the worker (and multiprocessing's resource tracker, which
+        # the first start launches) ignores these from its first instruction; blocked
+        # meanwhile, a Ctrl-C or SIGHUP for the supervisor waits instead of being lost.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(_WORKER_IGNORED))
+        handlers = {sig: signal.signal(sig, signal.SIG_IGN) for sig in _WORKER_IGNORED}
         try:
             process.start()
         finally:
-            signal.signal(signal.SIGINT, handler)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
             writer.close()
+            updates_reader.close()
         slot.process, slot.ready_pipe, slot.ready = process, reader, False
+        slot.updates = updates
         slot.started_at = time.monotonic()
 
     def _on_ready(self, slot: _Slot) -> None:
@@ -249,7 +293,10 @@ class Supervisor:
         process.join()
         if slot.ready_pipe is not None:
             slot.ready_pipe.close()
-        slot.process, slot.ready_pipe, slot.ready = None, None, False
+        if slot.updates is not None:
+            slot.updates.close()
+        slot.process, slot.ready_pipe, slot.updates, slot.ready = None, None, None, False
+        forget_worker(self._metrics_directory, slot.index)
         if self._stopping:
             return
         self._steer()
@@ -276,6 +323,32 @@ class Supervisor:
             delay,
         )
         slot.restart_at = time.monotonic() + delay
+
+    def _reload(self) -> None:
+        if self._stopping:
+            logger.info("SIGHUP while stopping: the configuration is not reloaded")
+            return
+        if self._load is None:
+            logger.warning("SIGHUP: nothing to reload the configuration from")
+            return
+        config = reread(self.config, self._load)
+        if config is None:
+            return
+        self.config = config
+        data = pickle.dumps(config)
+        # Room for it and one more (where the system allows), so that the send does not
+        # wait for a worker that is still starting and reads nothing yet.
+        room = 2 * len(data) + 64
+        for slot in self._slots:
+            if slot.updates is None:
+                continue
+            try:
+                if room > _PIPE_BYTES:
+                    with contextlib.suppress(OSError):
+                        fcntl.fcntl(slot.updates.fileno(), fcntl.F_SETPIPE_SZ, room)
+                slot.updates.send_bytes(data)
+            except OSError:  # it is exiting; its replacement starts with self.config
+                pass
 
     def _on_signal(self) -> None:
         if self._stopping:
@@ -313,9 +386,10 @@ class Supervisor:
             slot.sock.close()
 
 
-def run_workers(config: Config, options: Options) -> int:
-    """Run `config.server.workers` workers, each serving uvicorn `options(config)`."""
-    return Supervisor(config, options).run()
+def run_workers(config: Config, options: Options, load: Loader | None = None) -> int:
+    """Run `config.server.workers` workers, each serving uvicorn `options(config)`; on
+    SIGHUP, the configuration `load` returns."""
+    return Supervisor(config, options, load).run()
 
 
 def _note_signal(signum: int, frame: FrameType | None) -> None:
@@ -323,9 +397,16 @@ def _note_signal(signum: int, frame: FrameType | None) -> None:
 
 
 def _work(
-    config: Config, options: Options, sock: socket.socket, ready: Connection, parent: int
+    config: Config,
+    options: Options,
+    sock: socket.socket,
+    ready: Connection,
+    parent: int,
+    updates: Connection,
+    metrics: MetricsSlot,
 ) -> None:
-    """A worker process: serve on `sock` until SIGTERM, or until the supervisor is gone."""
+    """A worker process: serve on `sock` until SIGTERM, or until the supervisor is gone;
+    serve each configuration that arrives on `updates`."""
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
@@ -338,6 +419,12 @@ def _work(
 
     raise SystemExit(
         serve(
-            config, options(config), sockets=[sock], on_ready=notify, stop_signals=(signal.SIGTERM,)
+            config,
+            options(config),
+            sockets=[sock],
+            on_ready=notify,
+            stop_signals=(signal.SIGTERM,),
+            updates=updates,
+            metrics_slot=metrics,
         )
     )

@@ -14,6 +14,7 @@
 - ``upstream`` (function): a started ``UpstreamStub``.
 - ``start_proxy`` (function): ``start_proxy(config, env=None, **options) -> ProxyProcess``.
 - ``openai_client`` (function): ``openai_client(proxy_or_base_url, **options) -> openai.OpenAI``.
+- ``otlp_receiver`` (function): a started ``OTLPReceiver`` (``.url``, ``.wait_for_spans(n)``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import openai
 import pytest
 
 from tests.support.fault_relay import FaultRelay
+from tests.support.otlp_receiver import OTLPReceiver
 from tests.support.proxy_process import (
     OpenAIClientFactory,
     ProxyProcess,
@@ -185,3 +187,14 @@ def openai_client() -> Iterator[OpenAIClientFactory]:
     finally:
         for client in clients:
             client.close()
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[OTLPReceiver]:
+    """An OTLP/HTTP receiver on a free loopback port, recording the spans exported to it."""
+    receiver = OTLPReceiver()
+    receiver.start()
+    try:
+        yield receiver
+    finally:
+        receiver.stop()

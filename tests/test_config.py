@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import resource
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,14 @@ from sentinel_proxy.config import (
     DEFAULT_UPSTREAM_URL,
     FILE_DESCRIPTOR_RESERVE,
     Config,
+    DebugConfig,
+    IdSource,
+    Provider,
     Secret,
+    ServerConfig,
+    SessionConfig,
+    UpstreamConfig,
+    keep_restart_settings,
     load_config,
 )
 from sentinel_proxy.exceptions import ConfigError
@@ -207,6 +215,16 @@ def test_config_is_frozen() -> None:
         ),
         ("[server]\nmax_connections = 0", {}, "server.max_connections", "at least 1"),
         ("", {"SESSION_TTL_SECONDS": "day"}, "SESSION_TTL_SECONDS", "integer"),
+        ('[metrics]\nmodels = "gpt-4o"', {}, "metrics.models", "array"),
+        ('[metrics]\nmodels = ["ok", " padded"]', {}, "metrics.models[1]", "printable"),
+        ("[metrics]\nmodel = []", {}, "metrics.model", "unknown key"),
+        ('[tracing]\nconversation_key_env = "K"', {}, "tracing.conversation_key_env", "K is not"),
+        (
+            "",
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4318"},
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://",
+        ),
     ],
 )
 def test_bad_config_names_the_key(
@@ -527,6 +545,114 @@ def test_prompt_cache_is_on_by_default_for_openai_only(tmp_path: Path) -> None:
     assert [p.prompt_cache for p in providers] == [True, False, True]
 
 
+def test_a_reload_keeps_the_running_value_of_what_needs_a_restart() -> None:
+    running = load_config(None, env={"SENTINEL_REDIS_URL": "redis://r:1/0"}, overrides={})
+    loaded = Config(
+        providers=(Provider("other", "http://other.test/v1"),),
+        server=ServerConfig(
+            host="0.0.0.0",
+            port=1,
+            workers=2,
+            log_level="debug",
+            log_format="json",
+            shutdown_grace_seconds=1,
+            header_timeout_seconds=1,
+            body_min_rate_bytes_per_second=1,
+            body_rate_window_seconds=1,
+            max_connections=1,
+        ),
+        session=SessionConfig(
+            redis_url=Secret("redis://s:2/0"),
+            ttl_seconds=5,
+            id_sources=(IdSource("header", "x-c", owned=True),),
+            on_store_error="open",
+            timeout_seconds=1,
+            breaker_failures=1,
+            breaker_reset_seconds=1,
+            redis_max_connections=1,
+            memory_max_sessions=1,
+        ),
+        upstream=UpstreamConfig(
+            connect_timeout=1,
+            first_byte_timeout=1,
+            chunk_timeout=1,
+            pool_timeout=1,
+            stream_idle_seconds=1,
+            max_connections=1,
+            max_body_bytes=1,
+        ),
+        debug=DebugConfig(enabled=True, token=Secret("t" * 16)),
+    )
+    config, waiting = keep_restart_settings(running, loaded)
+    assert waiting == [
+        *(f"server.{f.name}" for f in fields(ServerConfig)),
+        "session.redis_url",
+        "session.timeout_seconds",
+        "session.breaker_failures",
+        "session.breaker_reset_seconds",
+        "session.redis_max_connections",
+        "session.memory_max_sessions",
+        "upstream.max_connections",
+    ]
+    assert config.server == running.server
+    assert config.session == replace(
+        running.session,
+        ttl_seconds=5,
+        id_sources=(IdSource("header", "x-c", owned=True),),
+        on_store_error="open",
+    )
+    assert config.upstream == replace(loaded.upstream, max_connections=DEFAULT_MAX_CONNECTIONS)
+    assert (config.providers, config.debug) == (loaded.providers, loaded.debug)
+    assert keep_restart_settings(running, running) == (running, [])
+
+
+def test_metrics_models(tmp_path: Path) -> None:
+    assert load_config(None, env={}).metrics.models == ()
+    config = load_config(write(tmp_path, '[metrics]\nmodels = ["gpt-4o", "o3"]'), env={})
+    assert config.metrics.models == ("gpt-4o", "o3")
+
+
+@pytest.mark.parametrize(
+    ("env", "endpoint"),
+    [
+        ({}, None),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318/"}, "http://c:4318/v1/traces"),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "https://t:443/traces",
+            },
+            "https://t:443/traces",
+        ),
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "True"}, None),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://c:4318", "OTEL_SDK_DISABLED": "false"},
+            "http://c:4318/v1/traces",
+        ),
+    ],
+)
+def test_tracing_follows_the_otel_variables(env: dict[str, str], endpoint: str | None) -> None:
+    tracing = load_config(None, env=env).tracing
+    assert tracing.endpoint == endpoint
+    assert tracing.service_name == "sentinel-proxy"
+
+
+def test_tracing_service_name_and_conversation_key(tmp_path: Path) -> None:
+    # None: the tracer makes a key of its own process; the session's shared key if any.
+    assert load_config(None, env={}).tracing.conversation_key is None
+    shared = load_config(
+        write(tmp_path, '[session]\nimplicit_key_env = "H"'), env={"H": "h" * 16}
+    ).tracing.conversation_key
+    assert shared == Secret("h" * 16)
+    config = load_config(
+        write(tmp_path, '[tracing]\nconversation_key_env = "TRACE_KEY"'),
+        env={"TRACE_KEY": "k" * 32, "OTEL_SERVICE_NAME": "gateway-eu"},
+    )
+    assert config.tracing.conversation_key == Secret("k" * 32)
+    assert config.tracing.service_name == "gateway-eu"
+    assert "kkkk" not in repr(config)
+
+
 def test_cluster_and_sentinel_settings(tmp_path: Path) -> None:
     default = load_config(None, env={}).session
     assert (default.cluster, default.sentinels, default.sentinel_service) == (False, (), None)
@@ -587,3 +713,16 @@ def test_sentinels_are_a_shared_store_for_workers(tmp_path: Path) -> None:
     text = '[session]\nsentinels = ["h:26379"]\nsentinel_service = "m"\n'
     config = load_config(write(tmp_path, text), env={}, overrides={"workers": 3})
     assert config.server.workers == 3
+
+
+def test_the_near_cache_is_for_one_redis_only(tmp_path: Path) -> None:
+    cluster = '[session]\nredis_url = "redis://h:1"\ncluster = true\n'
+    assert not load_config(write(tmp_path, cluster), env={}).session.near_cache
+    sentinel = '[session]\nsentinels = ["h:1"]\nsentinel_service = "m"\n'
+    assert not load_config(write(tmp_path, sentinel), env={}).session.near_cache
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, cluster + "near_cache = true\n"), env={})
+    assert info.value.key == "session.near_cache"
+    assert load_config(
+        write(tmp_path, '[session]\nredis_url = "redis://h:1"\n'), env={}
+    ).session.near_cache

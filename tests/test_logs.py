@@ -7,12 +7,16 @@ import sys
 import time
 
 import orjson
+import pytest
 
 from sentinel_proxy.logs import (
     BufferedStderrHandler,
     JsonFormatter,
     TextFormatter,
+    client_request_id,
+    current_request_id,
     logging_config,
+    new_request_id,
 )
 
 
@@ -90,3 +94,43 @@ def test_the_logging_config_writes_through_the_buffered_handler() -> None:
             for handler in logging.getLogger(name).handlers:
                 logging.getLogger(name).removeHandler(handler)
                 handler.close()
+
+
+def test_made_request_ids_are_32_hex_digits_and_distinct() -> None:
+    made = {new_request_id() for _ in range(1000)}
+    assert len(made) == 1000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in made)
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [
+        (b"req_123", "req_123"),
+        (b"a b:c/d=e", "a b:c/d=e"),
+        (b"x" * 128, "x" * 128),
+        (b"x" * 129, None),
+        (b"", None),
+        (b"caf\xe9", None),
+        (b"a\tb", None),
+        (b"a\x7fb", None),
+    ],
+)
+def test_a_clients_request_id_is_kept_only_when_sane(sent: bytes, kept: str | None) -> None:
+    assert client_request_id(sent) == kept
+
+
+def test_lines_logged_while_serving_a_request_carry_its_id() -> None:
+    plain = logging.LogRecord("sentinel_proxy.x", logging.WARNING, __file__, 1, "slow", None, None)
+    assert "request_id" not in TextFormatter().format(plain)
+    token = current_request_id.set("r-42")
+    try:
+        assert (
+            TextFormatter().format(plain).endswith("WARNING sentinel_proxy.x slow request_id=r-42")
+        )
+        assert orjson.loads(JsonFormatter().format(plain))["request_id"] == "r-42"
+        # The access line has the id among its fields already: not twice.
+        access = TextFormatter().format(record(request_id="r-42", status=200))
+        assert access.count("r-42") == 1
+    finally:
+        current_request_id.reset(token)
+    assert "request_id" not in JsonFormatter().format(plain)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import random
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -14,12 +14,11 @@ import orjson
 import pytest
 import respx
 
-from sentinel_proxy.app import Gateway, create_app
+from sentinel_proxy.app import Gateway, StoreFactory, create_app
 from sentinel_proxy.config import Alias, Config, Provider, Secret, SessionConfig, Target
 from sentinel_proxy.exceptions import StoreUnavailable
-from sentinel_proxy.routing import Router
 from sentinel_proxy.sessions import MemoryStore, Session, SessionStore
-from sentinel_proxy.sessions.base import Maker
+from sentinel_proxy.sessions.base import Acceptor, Maker
 from tests.support.redis_server import RedisServer
 
 A = Provider("a", "http://a.test/v1", forward_client_key=True)
@@ -36,7 +35,7 @@ def config(**session: Any) -> Config:
 async def serve(
     cfg: Config,
     mock: respx.MockRouter,
-    store: Callable[[Config, Router], SessionStore] | None = None,
+    store: StoreFactory | None = None,
     *,
     transport: httpx.AsyncBaseTransport | None = None,
 ) -> AsyncIterator[httpx.AsyncClient]:
@@ -138,7 +137,8 @@ async def test_upstream_failures_become_openai_errors(
     assert response.status_code == status
     error_json = response.json()["error"]
     assert error_json["code"] == code and error_json["type"] == "server_error"
-    assert set(error_json) == {"message", "type", "param", "code"}
+    assert set(error_json) == {"message", "type", "param", "code", "request_id"}
+    assert error_json["request_id"] == response.headers["x-request-id"]
 
 
 @pytest.mark.parametrize(
@@ -230,7 +230,7 @@ class BrokenStore(MemoryStore):
         return False
 
 
-def broken(cfg: Config, router: Router) -> SessionStore:
+def broken(cfg: Config, accept: Acceptor) -> SessionStore:
     return BrokenStore(ttl_seconds=1, max_sessions=1)
 
 
@@ -396,7 +396,7 @@ async def test_a_model_that_cannot_be_a_header_is_refused_and_never_pinned() -> 
     mock = respx.MockRouter(assert_all_called=False)
     route = chat_route(mock, "a.test")
     store = MemoryStore(ttl_seconds=60, max_sessions=10)
-    async with serve(config(), mock, lambda cfg, router: store) as client:
+    async with serve(config(), mock, lambda cfg, accept: store) as client:
         bad = await client.post(
             "/v1/chat/completions", json={"model": "x\u0001", "conversation_id": "c"}
         )

@@ -2,16 +2,21 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import pickle
 import socket
+import threading
 from collections import Counter
+from dataclasses import replace
 from multiprocessing.connection import Connection
 
 import pytest
 
-from sentinel_proxy.config import Config, load_config
+from sentinel_proxy.config import Alias, Config, Target, load_config
 from sentinel_proxy.workers import (
     MAX_QUICK_FAILURES,
     RESTART_DELAY_MAX_SECONDS,
+    Supervisor,
+    _Slot,
     claim_port,
     listening_socket,
     restart_delay,
@@ -120,3 +125,26 @@ def test_a_port_that_something_listens_on_is_refused(reuseport: bool) -> None:
         taken.listen()
         with pytest.raises(OSError):
             claim_port("127.0.0.1", taken.getsockname()[1], 2, backlog=128)
+
+
+def test_a_large_reloaded_config_is_sent_to_a_worker_that_reads_nothing_yet() -> None:
+    # A worker that is still starting reads nothing; the supervisor must not wait for it.
+    running = load_config(None, env={}, overrides={})
+    aliases = {
+        f"alias-{i}": Alias(f"alias-{i}", (Target("openai", f"model-{i}-" + "m" * 200),))
+        for i in range(1000)
+    }
+    reloaded = replace(running, aliases=aliases)
+    assert len(pickle.dumps(reloaded)) > 128 * 1024
+    supervisor = Supervisor(running, lambda config: {}, load=lambda: reloaded)
+    reader, writer = multiprocessing.Pipe(duplex=False)
+    with socket.socket() as sock:
+        supervisor._slots = [_Slot(0, sock, updates=writer)]
+        sending = threading.Thread(target=supervisor._reload, daemon=True)
+        sending.start()
+        sending.join(10)
+        waited = sending.is_alive()
+        received = pickle.loads(reader.recv_bytes())  # lets a blocked send go on
+        sending.join(10)
+    assert not waited, "the supervisor waited for the worker to read"
+    assert received == reloaded == supervisor.config

@@ -98,4 +98,7 @@ class SessionStore(Protocol):
     async def ping(self) -> bool:
         """Whether the store answers now (readiness)."""
 
+    def set_ttl(self, seconds: int) -> None:
+        """The TTL that stores and renewals set from now on (a reload)."""
+
     async def aclose(self) -> None: ...

@@ -27,6 +27,9 @@ class MemoryStore:
         self._clock = clock
         self._items: OrderedDict[str, tuple[Session, float]] = OrderedDict()
 
+    def set_ttl(self, seconds: int) -> None:
+        self._ttl = seconds
+
     def __len__(self) -> int:
         return len(self._items)
 

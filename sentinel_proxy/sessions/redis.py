@@ -330,6 +330,9 @@ class RedisStore:
         name = f"{connection_kwargs.get('host')}:{connection_kwargs.get('port')}"
         return _Node(name, connections, breaker, probe_key)
 
+    def set_ttl(self, seconds: int) -> None:
+        self._ttl = seconds
+
     async def get_or_create(
         self, conversation_id: str, external_id: str | None, make: Maker
     ) -> tuple[Session, bool]:

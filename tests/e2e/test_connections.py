@@ -257,6 +257,7 @@ def test_the_connection_past_the_cap_gets_503(
         "type": "server_error",
         "param": None,
         "code": "server_overloaded",
+        "request_id": headers["x-request-id"],
     }
     assert upstream.requests == []
     holders[0].close()

@@ -30,9 +30,12 @@ MESSAGES: list[Any] = [{"role": "user", "content": "Still there?"}]
 def config(redis_url: str, upstream: UpstreamStub, **session: float) -> str:
     """Providers `a` (model m-a) and `b` (m-b) behind the alias `fast`, and `session` keys."""
     keys = "\n".join(f"{key} = {value}" for key, value in session.items())
+    # The store's own behaviour, every lookup a Redis command: the near-cache in front of it
+    # has its own tests (tests/e2e/test_near_cache.py).
     return f"""
 [session]
 redis_url = "{redis_url}"
+near_cache = false
 {keys}
 
 [[providers]]

@@ -221,3 +221,20 @@ def test_a_conversation_sticks_to_one_target_across_workers(
         assert {r.json()["model"] for r in chosen.requests} == {model}
     finally:
         other.stop()
+
+
+def test_workers_that_die_together_are_all_replaced(
+    start_proxy: StartProxy, upstream: UpstreamStub, redis_url: str
+) -> None:
+    # Both exits are handled in one turn of the supervisor, which then has no worker left.
+    proxy = start_proxy(config(upstream, redis_url), extra_args=("--workers", "2"))
+    before = ready_workers(proxy, 2)
+    for pid in before:
+        os.kill(pid, signal.SIGKILL)
+    wait_for("both workers to exit", lambda: not any(alive(pid) for pid in before))
+    after = ready_workers(proxy, 2)
+    assert not set(after) & set(before)
+    response, _ = chat(proxy, after, "together")
+    assert response.status_code == 200
+    assert proxy.running
+    assert proxy.terminate() == 0

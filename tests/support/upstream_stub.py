@@ -16,7 +16,8 @@ request(s) answer something else; ``add_response_header`` adds a header (``set-c
 answer; ``configure_stream``/``slow_stream`` shape the SSE stream; ``break_stream`` makes it end
 without its terminating chunk (the connection cut, as an upstream that dies mid-stream),
 ``flood_stream`` makes it endless large events sent as fast as the reader takes them, and
-``delay_response`` holds every answer's headers back. When a client (the proxy) drops
+``delay_response`` holds every answer's headers back, ``hold_streams`` holds streams before
+their last event until the test lets them go. When a client (the proxy) drops
 the connection in the middle of a stream, :attr:`UpstreamStub.upstream_disconnected` is set and
 :attr:`UpstreamStub.disconnected_at` holds the ``time.monotonic()`` of that moment.
 """
@@ -109,6 +110,7 @@ class UpstreamStub:
         self.stream_delay = 0.0
         self.stream_break_after: int | None = None
         self.stream_flood: int | None = None
+        self.stream_gate: threading.Event | None = None
         self.response_delay = 0.0
         self.upstream_disconnected = threading.Event()
         self.disconnected_at: float | None = None
@@ -266,6 +268,11 @@ class UpstreamStub:
         reader takes them, until the reader goes away (enough to fill every buffer between
         the stub and a client that stops reading)."""
         self.stream_flood = event_size
+
+    def hold_streams(self) -> threading.Event:
+        """Streams stop before their last event until the returned event is set."""
+        self.stream_gate = threading.Event()
+        return self.stream_gate
 
     def delay_response(self, seconds: float) -> None:
         """Every answer's headers wait ``seconds`` (a model thinking before it answers)."""
@@ -524,6 +531,9 @@ class UpstreamStub:
             for index, event in enumerate(events):
                 if index and delay > 0:
                     await self._pause(delay, gone)
+                if index == len(events) - 1 and self.stream_gate is not None:
+                    while not (self.stream_gate.is_set() or gone.is_set() or self._closing):
+                        await asyncio.sleep(0.01)
                 if gone.is_set() or self._closing:
                     break
                 if index == self.stream_break_after:
