@@ -13,7 +13,10 @@ itself stays within 5%.
 
 Prints the candidate's throughput over the base's for each round and their median: 1.10
 means the candidate serves 10% more requests on the same CPU. Same set-up as bench/run.py:
-Redis and the nginx mock on the second CPU, a conversation id in every body.
+Redis and the nginx mock on the second CPU, a conversation id in every body. With --cluster,
+both keep their sessions in a Redis Cluster of three masters there (`cluster = true`); with
+`--cluster candidate` only the candidate does, so `duel.py HEAD HEAD --cluster candidate`
+is what the cluster costs over one Redis.
 
 Either side may be `reference` instead of a commit: the aiohttp reference proxy of
 bench/run.py. `bench/duel.py reference HEAD` is then the throughput goal measured paired:
@@ -21,8 +24,9 @@ sentinel-proxy's requests per core as a fraction of the reference's.
 
 Scenarios: `--extra TOML` is appended to sentinel-proxy's configuration (its first lines
 still belong to the provider's table), `--base-extra`/`--candidate-extra` to one side's
-only; `--wrk-arg` passes an argument to wrk/chat.lua (key=..., model=..., implicit);
-`--env NAME=VALUE` sets a variable for sentinel-proxy (a provider key, an HMAC key);
+only; `--session`/`--base-session`/`--candidate-session` go in its [session] table;
+`--wrk-arg` passes an argument to wrk/chat.lua (key=..., model=..., implicit); `--env
+NAME=VALUE` sets a variable for sentinel-proxy (a provider key, an HMAC key);
 `--redis-delay-ms N` puts Redis behind a relay that holds each read N/2 ms each way.
 """
 
@@ -56,10 +60,13 @@ def worktree(tmp: Path, role: str, commit: str) -> Path:
 
 
 def start_sentinel(
-    env: Env, tree: Path, name: str, upstream: str, extra: str = ""
+    env: Env, tree: Path, name: str, upstream: str, extra: str = "", session: str = ""
 ) -> tuple[int, run.Proc]:
     port = run.free_port(env.ports)
-    config = run.sentinel_config(env, upstream, extra, name=f"-{name}")
+    cluster = env.args.cluster in ("both", name)
+    config = run.sentinel_config(
+        env, upstream, extra, name=f"-{name}", cluster=cluster, session=session
+    )
     argv = [
         env.python, "-m", "sentinel_proxy", "--config", str(config),
         "--host", "127.0.0.1", "--port", str(port), "--log-level", "info",
@@ -116,7 +123,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stream", action="store_true", help="streaming requests")
     parser.add_argument("--conns", type=int, default=64, help="connections of each wrk")
     parser.add_argument("--pool", type=int, default=10_000, help="distinct conversation ids")
+    parser.add_argument(
+        "--cluster",
+        nargs="?",
+        const="both",
+        choices=("both", "base", "candidate"),
+        help=f"sessions in a Redis Cluster of {run.CLUSTER_MASTERS} masters (cluster = true); "
+        "`--cluster candidate` gives the cluster to the candidate only (the base keeps one "
+        "Redis): what the cluster costs",
+    )
     parser.add_argument("--echo-module", help="path of ngx_http_echo_module.so")
+    parser.add_argument("--session", default="", help="TOML lines for both sides' [session]")
+    parser.add_argument("--base-session", default="", help="TOML lines for the base's [session]")
+    parser.add_argument(
+        "--candidate-session", default="", help="TOML lines for the candidate's [session]"
+    )
     parser.add_argument("--extra", default="", help="TOML appended to both sides' config")
     parser.add_argument("--base-extra", default="", help="TOML appended to the base's config")
     parser.add_argument(
@@ -153,11 +174,14 @@ def main(argv: list[str] | None = None) -> int:
     relay = None
     try:
         run.start_redis(env)
+        if args.cluster:
+            run.start_cluster(env)
         run.start_nginx(env)
         if args.redis_delay_ms:
             relay = run.delayed_redis(env, args.redis_delay_ms / 1000)
         ports = []
         extras = {"base": args.base_extra, "candidate": args.candidate_extra}
+        sessions = {"base": args.base_session, "candidate": args.candidate_session}
         for role, commit in (("base", args.base), ("candidate", args.candidate)):
             if commit == REFERENCE:
                 port = run.start_target(env, "aiohttp", upstream, str(env.proxy_cpu)).port
@@ -165,7 +189,8 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 trees.append(worktree(tmp, role, commit))
                 extra = args.extra + extras[role]
-                port, _ = start_sentinel(env, trees[-1], role, upstream, extra)
+                session = args.session + sessions[role]
+                port, _ = start_sentinel(env, trees[-1], role, upstream, extra, session)
                 if args.wrk_arg:
                     log(f"{role} {commit} on :{port}; the warm-up primes its ids")
                 else:
@@ -186,8 +211,9 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if relay is not None:
             relay.stop()
-        if env.redis:
-            env.redis.close()
+        for stats in (env.redis, env.cluster):
+            if stats:
+                stats.close()
         env.procs.stop_all()
         for tree in trees:
             subprocess.run(
@@ -195,6 +221,9 @@ def main(argv: list[str] | None = None) -> int:
                 capture_output=True, timeout=60,
             )  # fmt: skip
     mode = "streaming" if args.stream else "non-streaming"
+    if args.cluster:
+        who = "" if args.cluster == "both" else f" for the {args.cluster} only"
+        mode += f", sessions in a {run.CLUSTER_MASTERS}-master Redis Cluster{who}"
     print(
         f"{args.candidate} vs {args.base}, {mode}, {args.conns} connections each, "
         f"{args.rounds} rounds "

@@ -55,7 +55,7 @@ ECHO_MODULE_CANDIDATES = (
 )
 ALL_TARGETS = ("direct", "aiohttp", "sentinel")
 PROXIES = ("aiohttp", "sentinel")
-ALL_SCENARIOS = ("throughput", "ttfb", "memory", "workers")
+ALL_SCENARIOS = ("throughput", "ttfb", "memory", "workers", "cluster")
 MODES = ("json", "sse")
 # nginx servers (see nginx.conf): the mode or test each one serves.
 UPSTREAMS = ("json", "sse", "sse_delay", "slow")
@@ -69,6 +69,8 @@ GOAL_RSS_IDLE_MB = 100.0
 GOAL_RSS_STREAMS_MB = 250.0
 GOAL_WORKERS_RATIO = 1.7
 GOAL_CONNS = (64, 512)
+# Masters of the cluster scenario's Redis Cluster (no replicas: they would only add load).
+CLUSTER_MASTERS = 3
 # A run whose load CPU is at least this busy may be limited by wrk and nginx, not the proxy.
 LOAD_BOUND_PCT = 90.0
 ERROR_KEYS = ("non2xx", "bad_body", "statuses")
@@ -337,25 +339,36 @@ class RssSampler:
 
 
 class RedisStats:
-    """INFO stats of the benchmark's own Redis, through redis-py."""
+    """INFO stats of the benchmark's own Redis (or the sum over a cluster's masters),
+    through redis-py."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, *ports: int) -> None:
         import redis
 
-        self.client = redis.Redis(host="127.0.0.1", port=port, socket_timeout=5)
+        self.clients = [redis.Redis(host="127.0.0.1", port=p, socket_timeout=5) for p in ports]
+
+    @property
+    def client(self) -> Any:
+        return self.clients[0]
 
     def snapshot(self) -> dict[str, int]:
-        info: dict[str, Any] = self.client.info("stats")
-        keys = int(self.client.dbsize())
-        return {
-            "hits": int(info.get("keyspace_hits", 0)),
-            "misses": int(info.get("keyspace_misses", 0)),
-            "commands": int(info.get("total_commands_processed", 0)),
-            "keys": keys,
-        }
+        totals = {"hits": 0, "misses": 0, "commands": 0, "keys": 0, "net_in": 0, "net_out": 0}
+        for client in self.clients:
+            info: dict[str, Any] = client.info("stats")
+            totals["hits"] += int(info.get("keyspace_hits", 0))
+            totals["misses"] += int(info.get("keyspace_misses", 0))
+            totals["commands"] += int(info.get("total_commands_processed", 0))
+            totals["net_in"] += int(info.get("total_net_input_bytes", 0))
+            totals["net_out"] += int(info.get("total_net_output_bytes", 0))
+            totals["keys"] += int(client.dbsize())
+        return totals
+
+    def keys_per_node(self) -> list[int]:
+        return [int(client.dbsize()) for client in self.clients]
 
     def close(self) -> None:
-        self.client.close()
+        for client in self.clients:
+            client.close()
 
 
 @dataclass
@@ -369,6 +382,9 @@ class Env:
     upstream_ports: dict[str, int] = field(default_factory=dict)
     redis_port: int = 0
     redis: RedisStats | None = None
+    # The cluster scenario's Redis Cluster: its masters' ports, and their stats.
+    cluster_ports: list[int] = field(default_factory=list)
+    cluster: RedisStats | None = None
     python: str = sys.executable
     proxy_logs: dict[str, list[Path]] = field(default_factory=dict)
 
@@ -402,13 +418,21 @@ def wrk_argv(
 
 
 def run_wrk(
-    env: Env, port: int, conns: int, seconds: float, stream: bool, pid: int | None
+    env: Env,
+    port: int,
+    conns: int,
+    seconds: float,
+    stream: bool,
+    pid: int | None,
+    stats: RedisStats | None = None,
 ) -> dict[str, Any]:
-    """One wrk run on the load CPU; returns its BENCH_RESULT plus CPU, RSS and Redis figures."""
+    """One wrk run on the load CPU; returns its BENCH_RESULT plus CPU, RSS and Redis figures
+    (of `stats`, the benchmark's own Redis unless given)."""
     argv = wrk_argv(
         env.load_cpus, port, conns=conns, seconds=seconds, stream=stream, pool=env.args.pool
     )
-    redis_before = env.redis.snapshot() if env.redis else None
+    redis_stats = stats or env.redis
+    redis_before = redis_stats.snapshot() if redis_stats else None
     cpu_before = cpu_times()
     ticks_before = process_ticks()
     started = time.monotonic()
@@ -446,13 +470,17 @@ def run_wrk(
         "other_cpu_pct": foreign,
         "rss_peak_mb": round(sampler.peak, 1) if pid else None,
     }
-    if redis_before and env.redis:
-        after = env.redis.snapshot()
+    if redis_before and redis_stats:
+        after = redis_stats.snapshot()
         lookups = after["hits"] + after["misses"] - redis_before["hits"] - redis_before["misses"]
         commands = after["commands"] - redis_before["commands"]
         n = max(1, result["requests"])
         result["redis_lookups_per_req"] = round(lookups / n, 3)
         result["redis_commands_per_req"] = round(commands / n, 3)
+        result["redis_bytes_in_per_req"] = round((after["net_in"] - redis_before["net_in"]) / n, 1)
+        result["redis_bytes_out_per_req"] = round(
+            (after["net_out"] - redis_before["net_out"]) / n, 1
+        )
         result["redis_keys"] = after["keys"]
     return result
 
@@ -522,6 +550,41 @@ def delayed_redis(env: Env, seconds: float) -> Any:
     return relay
 
 
+def start_cluster(env: Env) -> None:
+    """A Redis Cluster of CLUSTER_MASTERS masters on the load CPU, joined with redis-cli."""
+    ports = []
+    for index in range(CLUSTER_MASTERS):
+        port, bus = free_port(env.ports), free_port(env.ports)
+        directory = env.tmp / f"cluster-{index}"
+        directory.mkdir()
+        argv = [
+            "redis-server", "--port", str(port), "--bind", "127.0.0.1",
+            "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(directory),
+            "--protected-mode", "no", "--maxclients", "10000",
+            "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+            "--cluster-port", str(bus),
+        ]  # fmt: skip
+        proc = env.procs.start(f"cluster-{index}", argv, env.load_cpus)
+        wait_until(f"cluster node {index}", lambda p=port: tcp_open(p), proc, 15)  # type: ignore[misc]
+        ports.append(port)
+    done = subprocess.run(
+        ["redis-cli", "--cluster", "create", *(f"127.0.0.1:{p}" for p in ports), "--cluster-yes"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    if done.returncode != 0:
+        raise BenchError(f"redis-cli --cluster create failed: {done.stdout[-500:]}{done.stderr}")
+    env.cluster_ports = ports
+    env.cluster = RedisStats(*ports)
+
+    def ready() -> bool:
+        assert env.cluster is not None
+        return all(
+            c.execute_command("CLUSTER INFO")["cluster_state"] == "ok" for c in env.cluster.clients
+        )
+
+    wait_until("the cluster's state ok", ready, None, 30)
+
+
 def start_nginx(env: Env) -> None:
     prefix = env.tmp / "nginx"
     prefix.mkdir()
@@ -551,13 +614,25 @@ def start_nginx(env: Env) -> None:
         wait_until(f"nginx {name} port", lambda p=port: tcp_open(p), proc, 15)  # type: ignore[misc]
 
 
-def sentinel_config(env: Env, upstream: str, extra: str = "", name: str = "") -> Path:
-    """sentinel-proxy's config: one provider, the nginx mock; `extra` is TOML appended to
-    it (so its first lines still belong to the provider's table)."""
-    path = env.tmp / f"sentinel-{upstream}{name}.toml"
+def sentinel_config(
+    env: Env,
+    upstream: str,
+    extra: str = "",
+    name: str = "",
+    *,
+    cluster: bool = False,
+    session: str = "",
+) -> Path:
+    """sentinel-proxy's config: the mock `upstream`, and the benchmark's Redis (or with
+    `cluster`, its Redis Cluster); `session` is TOML for the [session] table, `extra` TOML
+    appended (so its first lines still belong to the provider's table)."""
+    path = env.tmp / f"sentinel-{upstream}{'-cluster' if cluster else ''}{name}.toml"
+    store = f'redis_url = "redis://127.0.0.1:{env.redis_port}/0"\n'
+    if cluster:
+        store = f'redis_url = "redis://127.0.0.1:{env.cluster_ports[0]}/0"\ncluster = true\n'
     path.write_text(
         "[session]\n"
-        f'redis_url = "redis://127.0.0.1:{env.redis_port}/0"\n'
+        f"{store}{session}"
         "\n"
         "[[providers]]\n"
         'name = "mock"\n'
@@ -577,13 +652,16 @@ class Running:
         return self.proc.pid if self.proc else None
 
 
-def start_target(env: Env, target: str, upstream: str, cpus: str, workers: int = 1) -> Running:
-    """Start a target in front of an nginx upstream; 'direct' is nginx itself."""
+def start_target(
+    env: Env, target: str, upstream: str, cpus: str, workers: int = 1, *, cluster: bool = False
+) -> Running:
+    """Start a target in front of an nginx upstream; 'direct' is nginx itself. With
+    `cluster`, sentinel-proxy keeps its sessions in the benchmark's Redis Cluster."""
     if target == "direct":
         return Running(target, env.upstream_ports[upstream], None)
     port = free_port(env.ports)
     worker_args = ["--workers", str(workers)] if workers > 1 else []
-    name = f"{target}-{upstream}-w{workers}"
+    name = f"{target}-{upstream}-w{workers}{'-cluster' if cluster and target == 'sentinel' else ''}"
     if target == "aiohttp":
         argv = [
             env.python, "-m", "uvicorn", "ref_aiohttp_proxy:app", "--app-dir", str(BENCH),
@@ -596,7 +674,8 @@ def start_target(env: Env, target: str, upstream: str, cpus: str, workers: int =
         ready = f"http://127.0.0.1:{port}/"
     elif target == "sentinel":
         argv = [
-            env.python, "-m", "sentinel_proxy", "--config", str(sentinel_config(env, upstream)),
+            env.python, "-m", "sentinel_proxy",
+            "--config", str(sentinel_config(env, upstream, cluster=cluster)),
             # Its default level: one access-log line per request, as users run it.
             "--host", "127.0.0.1", "--port", str(port), "--log-level", "info", *worker_args,
         ]  # fmt: skip
@@ -816,6 +895,55 @@ def scenario_workers(env: Env, targets: list[str], results: dict[str, Any]) -> N
         }
 
 
+def scenario_cluster(env: Env, targets: list[str], results: dict[str, Any]) -> None:
+    """Non-streaming throughput with sessions in a Redis Cluster of CLUSTER_MASTERS masters,
+    beside the reference (which has no store) run just before it."""
+    rows: list[dict[str, Any]] = results.setdefault("cluster", [])
+    args = env.args
+    if not env.cluster_ports:
+        start_cluster(env)
+        log(f"redis cluster masters :{env.cluster_ports}")
+    for target in targets:
+        if target not in PROXIES:
+            continue
+        log(f"cluster: {target} json")
+        try:
+            running = start_target(env, target, "json", str(env.proxy_cpu), cluster=True)
+        except BenchError as exc:
+            log(f"  {target} failed to start: {exc}")
+            results.setdefault("failures", []).append(f"{target} cluster: {exc}")
+            continue
+        try:
+            if target == "sentinel":
+                failed = asyncio.run(clients.prime(running.port, args.pool))
+                assert env.cluster is not None
+                keys = env.cluster.keys_per_node()
+                results["cluster_keys_per_master"] = keys
+                log(f"  primed {args.pool} ids, {failed} failed; keys per master {keys}")
+            if args.warmup > 0:
+                run_wrk(env, running.port, 64, args.warmup, False, running.pid, env.cluster)
+            for conns in args.conns:
+                row = {"target": target, "mode": "json", "conns": conns}
+                try:
+                    row |= run_wrk(
+                        env, running.port, conns, args.duration, False, running.pid, env.cluster
+                    )
+                except (BenchError, subprocess.TimeoutExpired) as exc:
+                    row["failed"] = str(exc)
+                rows.append(row)
+                log(
+                    f"  c={conns}: {row.get('rps', 0):.0f} req/s p99 {row.get('p99_ms')} ms "
+                    f"errors {row.get('errors')} redis cmds/req {row.get('redis_commands_per_req')}"
+                )
+                time.sleep(0.5)
+        except (BenchError, subprocess.TimeoutExpired) as exc:
+            log(f"  {target} cluster: {exc}")
+            results.setdefault("failures", []).append(f"{target} cluster: {exc}")
+        finally:
+            if running.proc:
+                env.procs.stop(running.proc)
+
+
 def _workers_round(env: Env, running: Running, conns: int) -> dict[str, Any]:
     split: list[list[int]] = []
     sampler = threading.Timer(
@@ -854,12 +982,13 @@ def find_row(rows: list[dict[str, Any]], target: str, mode: str, conns: int) -> 
 
 
 def add_ratios(results: dict[str, Any]) -> None:
-    rows = results.get("throughput", [])
-    for row in rows:
-        for base, key in ((REFERENCE, "vs_reference"), ("direct", "vs_direct")):
-            other = find_row(rows, base, row["mode"], row["conns"])
-            if row.get("rps") and other.get("rps"):
-                row[key] = round(row["rps"] / other["rps"], 3)
+    for table in ("throughput", "cluster"):
+        rows = results.get(table, [])
+        for row in rows:
+            for base, key in ((REFERENCE, "vs_reference"), ("direct", "vs_direct")):
+                other = find_row(rows, base, row["mode"], row["conns"])
+                if row.get("rps") and other.get("rps"):
+                    row[key] = round(row["rps"] / other["rps"], 3)
 
 
 def goals(results: dict[str, Any], subject: str) -> list[tuple[str, str, str, bool | None]]:
@@ -927,6 +1056,16 @@ def goals(results: dict[str, Any], subject: str) -> list[tuple[str, str, str, bo
             ok,
         )
     )
+    for conns in GOAL_CONNS:
+        row = find_row(results.get("cluster", []), subject, "json", conns)
+        if row:
+            ratio, errors = row.get("vs_reference"), row.get("errors")
+            checks.append((
+                f"json throughput at {conns} conns over a Redis Cluster vs {REFERENCE}",
+                f"{fmt(ratio)}x, {fmt(errors)} errors",
+                f">= {GOAL_RATIO_VS_REFERENCE}x, 0",
+                None if ratio is None else ratio >= GOAL_RATIO_VS_REFERENCE and errors == 0,
+            ))  # fmt: skip
     workers = results.get("workers", {}).get(subject, {})
     ratio = workers.get("ratio")
     checks.append(
@@ -1082,6 +1221,35 @@ def report(results: dict[str, Any]) -> str:
             "one listening socket; sentinel's each listen on their own (SO_REUSEPORT).",
             "",
         ]
+    cluster = results.get("cluster", [])
+    if cluster:
+        keys = results.get("cluster_keys_per_master")
+        lines += [
+            f"## Redis Cluster ({CLUSTER_MASTERS} masters, no replicas, on the load CPU; json)",
+            "",
+            "| conns | target | ok req/s | p50 ms | p99 ms | errors | vs aiohttp | proxy CPU % "
+            "| load CPU % | other procs CPU % | redis commands/req | redis bytes in/out per req |",
+            "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for row in cluster:
+            if "failed" in row:
+                lines.append(f"| {row['conns']} | {row['target']} | failed: {row['failed'][:80]} |")
+                continue
+            lines.append(
+                f"| {row['conns']} | {row['target']} | {row['rps']:.0f} | {fmt(row['p50_ms'])} "
+                f"| {fmt(row['p99_ms'])} | {row['errors']} | {fmt(row.get('vs_reference'))} "
+                f"| {fmt(row['proxy_cpu_pct'], 0)} | {fmt(row['load_cpu_pct'], 0)} "
+                f"| {fmt(row.get('other_cpu_pct'), 0)} | {fmt(row.get('redis_commands_per_req'))} "
+                f"| {fmt(row.get('redis_bytes_in_per_req'), 0)} / "
+                f"{fmt(row.get('redis_bytes_out_per_req'), 0)} |"
+            )
+        lines += [
+            "",
+            f"Sessions per master after priming: {keys}. vs aiohttp: the reference proxy "
+            "(no store) measured just before, one after the other; `bench/duel.py reference "
+            "HEAD --cluster` measures the same ratio paired.",
+            "",
+        ]
     for subject in results.get("goal_subjects", []):
         checks = results["goals"][subject]
         met = sum(1 for c in checks if c[3])
@@ -1226,7 +1394,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--scenarios",
         default=",".join(ALL_SCENARIOS),
-        help="comma-separated subset of throughput,ttfb,memory,workers",
+        help="comma-separated subset of throughput,ttfb,memory,workers,cluster",
     )
     parser.add_argument("--conns", default="1,64,512", help="wrk connection counts")
     parser.add_argument("--duration", type=float, help="seconds per wrk run (default 10)")
@@ -1339,6 +1507,7 @@ def main(argv: list[str] | None = None) -> int:
             "ttfb": scenario_ttfb,
             "memory": scenario_memory,
             "workers": scenario_workers,
+            "cluster": scenario_cluster,
         }
         for name in ALL_SCENARIOS:
             if name in args.scenarios:
@@ -1352,8 +1521,9 @@ def main(argv: list[str] | None = None) -> int:
         keep = True
         return 1
     finally:
-        if env.redis:
-            env.redis.close()
+        for stats in (env.redis, env.cluster):
+            if stats:
+                stats.close()
         env.procs.stop_all()
         results["meta"]["elapsed_s"] = round(time.monotonic() - started, 1)
         # The reference proxy does not stop streaming when a client leaves, so its logs fill

@@ -43,6 +43,8 @@ from sentinel_proxy.routing import Router
 from sentinel_proxy.sessions import (
     CircuitBreaker,
     MemoryStore,
+    RedisClusterStore,
+    RedisSentinelStore,
     RedisStore,
     Session,
     SessionStore,
@@ -64,21 +66,47 @@ StoreFactory = Callable[[Config, Acceptor], SessionStore]
 
 def create_store(config: Config, accept: Acceptor) -> SessionStore:
     settings = config.session
-    if settings.redis_url is None:
-        return MemoryStore(
-            ttl_seconds=settings.ttl_seconds,
-            max_sessions=settings.memory_max_sessions,
+
+    def breaker() -> CircuitBreaker:
+        return CircuitBreaker(
+            failures=settings.breaker_failures, reset_seconds=settings.breaker_reset_seconds
+        )
+
+    ttl, timeout = settings.ttl_seconds, settings.timeout_seconds
+    size = settings.redis_max_connections
+    if settings.sentinels:
+        assert settings.sentinel_service is not None
+        return RedisSentinelStore(
+            # Its host is not used: the sentinels name the primary.
+            settings.redis_url.reveal() if settings.redis_url else "redis://",
+            sentinels=settings.sentinels,
+            service=settings.sentinel_service,
+            ttl_seconds=ttl,
+            timeout=timeout,
+            max_connections=size,
+            breaker=breaker(),
             accept=accept,
         )
+    if settings.redis_url is None:
+        return MemoryStore(
+            ttl_seconds=ttl, max_sessions=settings.memory_max_sessions, accept=accept
+        )
     url = settings.redis_url.reveal()
+    if settings.cluster:
+        return RedisClusterStore(
+            url,
+            ttl_seconds=ttl,
+            timeout=timeout,
+            max_connections=size,
+            breakers=breaker,
+            accept=accept,
+        )
     store = RedisStore(
         url,
-        ttl_seconds=settings.ttl_seconds,
-        timeout=settings.timeout_seconds,
-        max_connections=settings.redis_max_connections,
-        breaker=CircuitBreaker(
-            failures=settings.breaker_failures, reset_seconds=settings.breaker_reset_seconds
-        ),
+        ttl_seconds=ttl,
+        timeout=timeout,
+        max_connections=size,
+        breaker=breaker(),
         accept=accept,
     )
     if not settings.near_cache:
@@ -86,11 +114,11 @@ def create_store(config: Config, accept: Acceptor) -> SessionStore:
     return NearCache(
         store,
         url,
-        ttl_seconds=settings.ttl_seconds,
+        ttl_seconds=ttl,
         renew_interval=settings.renew_interval_seconds,
         max_entries=settings.near_cache_max_entries,
         max_bytes=settings.near_cache_max_bytes,
-        timeout=settings.timeout_seconds,
+        timeout=timeout,
         accept=accept,
     )
 

@@ -94,16 +94,20 @@ def _sessions(config: Config) -> Iterator[str]:
         source.label + ("" if source.owned else " (forwarded)") for source in session.id_sources
     )
     yield f"conversation id: {labels}"
-    if session.redis_url is None:
+    tail = f"ttl {session.ttl_seconds} s, store errors: {session.on_store_error}"
+    if session.sentinels:
+        sentinels = ", ".join(f"{host}:{port}" for host, port in session.sentinels)
+        service = session.sentinel_service
+        yield f"sessions: Redis primary of {service!r} (sentinels {sentinels}), {tail}"
+    elif session.redis_url is None:
         yield (
             f"sessions: in memory (this process only, at most {session.memory_max_sessions}), "
             f"ttl {session.ttl_seconds} s"
         )
+    elif session.cluster:
+        yield f"sessions: Redis Cluster via {_redis_location(session.redis_url.reveal())}, {tail}"
     else:
-        yield (
-            f"sessions: Redis at {_redis_location(session.redis_url.reveal())}, "
-            f"ttl {session.ttl_seconds} s, store errors: {session.on_store_error}"
-        )
+        yield f"sessions: Redis at {_redis_location(session.redis_url.reveal())}, {tail}"
 
 
 def _redis_location(url: str) -> str:

@@ -239,6 +239,16 @@ class SessionConfig:
     # With the near-cache, a key's TTL is renewed at most this often per process (and at
     # least every half TTL).
     renew_interval_seconds: float = DEFAULT_RENEW_INTERVAL
+    # redis_url names any node of a Redis Cluster.
+    cluster: bool = False
+    # Redis Sentinel: (host, port) of each sentinel, and the name of the monitored primary.
+    sentinels: tuple[tuple[str, int], ...] = ()
+    sentinel_service: str | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Whether sessions live in Redis, shared by every process."""
+        return self.redis_url is not None or bool(self.sentinels)
 
 
 @dataclass(frozen=True, slots=True)
@@ -357,11 +367,11 @@ def load_config(
             f"models.{implicit[0]}.implicit_sessions",
             "needs session.implicit_key_env: the HMAC key, the same on every replica",
         )
-    if session.redis_url is None and server.workers > 1:
+    if not session.shared and server.workers > 1:
         raise ConfigError(
             "server.workers",
             f"{server.workers} workers need a shared session store: set session.redis_url "
-            "(the in-memory store lives in one process)",
+            "or session.sentinels (the in-memory store lives in one process)",
         )
     _check_file_limit(config)
     return config
@@ -370,7 +380,7 @@ def load_config(
 def file_descriptors(config: Config) -> int:
     """File descriptors one worker may hold at once: client and upstream connections, the
     Redis pool and a reserve."""
-    redis = config.session.redis_max_connections if config.session.redis_url else 0
+    redis = config.session.redis_max_connections if config.session.shared else 0
     return (
         config.server.max_connections
         + config.upstream.max_connections
@@ -395,6 +405,9 @@ RESTART_SETTINGS: Mapping[str, tuple[str, ...]] = {
         "near_cache_max_entries",
         "near_cache_max_bytes",
         "renew_interval_seconds",
+        "cluster",
+        "sentinels",
+        "sentinel_service",
     ),
     "upstream": ("max_connections",),
     # The exporter is made at start.
@@ -525,6 +538,9 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
             "breaker_reset_seconds",
             "redis_max_connections",
             "memory_max_sessions",
+            "cluster",
+            "sentinels",
+            "sentinel_service",
             "near_cache",
             "near_cache_max_entries",
             "near_cache_max_bytes",
@@ -556,6 +572,33 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
     mode = _str(merged, "session.", "on_store_error", "closed")
     if mode not in ("closed", "open"):
         raise ConfigError("session.on_store_error", 'must be "closed" or "open"')
+    cluster = _bool(merged, "session.", "cluster", False)
+    sentinels = _sentinels(merged.get("sentinels"))
+    service = None
+    if sentinels or "sentinel_service" in merged:
+        service = _name(merged, "session.", "sentinel_service")
+        if not sentinels:
+            raise ConfigError("session.sentinel_service", "needs session.sentinels")
+    if cluster:
+        if sentinels:
+            raise ConfigError("session.sentinels", "cannot go with session.cluster: choose one")
+        if redis_url is None:
+            raise ConfigError("session.cluster", "needs session.redis_url: any node of the cluster")
+        if urlsplit(redis_url).scheme == "unix":
+            raise ConfigError("session.redis_url", "a cluster is reached over TCP, not unix://")
+        database = parse_url(redis_url).get("db") or 0  # type: ignore[no-untyped-call]
+        if int(database) != 0:
+            raise ConfigError("session.redis_url", "a Redis Cluster has database 0 only")
+    elif sentinels and redis_url is not None and urlsplit(redis_url).scheme == "unix":
+        raise ConfigError("session.redis_url", "the sentinels name a TCP primary: not unix://")
+    near_cache = _bool(merged, "session.", "near_cache", True)
+    if cluster or sentinels:
+        # Its invalidations come over one tracking connection to one server.
+        if "near_cache" in merged and near_cache:
+            raise ConfigError(
+                "session.near_cache", "works with one Redis only, not with cluster or sentinels"
+            )
+        near_cache = False
     return SessionConfig(
         redis_url=Secret(redis_url) if redis_url else None,
         ttl_seconds=ttl,
@@ -575,7 +618,10 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
         memory_max_sessions=_int(
             merged, "session.", "memory_max_sessions", DEFAULT_MEMORY_MAX_SESSIONS, low=1
         ),
-        near_cache=_bool(merged, "session.", "near_cache", True),
+        cluster=cluster,
+        sentinels=sentinels,
+        sentinel_service=service,
+        near_cache=near_cache,
         near_cache_max_entries=_int(
             merged, "session.", "near_cache_max_entries", DEFAULT_NEAR_CACHE_ENTRIES, low=1
         ),
@@ -584,6 +630,31 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
         ),
         renew_interval_seconds=renew,
     )
+
+
+def _sentinels(raw: Any) -> tuple[tuple[str, int], ...]:
+    """`["host:port", ...]` ("[::1]:26379" for IPv6) as (host, port) pairs."""
+    if raw is None:
+        return ()
+    key = "session.sentinels"
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(key, 'must be a non-empty array of "host:port" strings')
+    found: list[tuple[str, int]] = []
+    for index, item in enumerate(raw):
+        problem = f'[{index}] must be "host:port" (a port from 1 to 65535)'
+        if not isinstance(item, str) or not item.isascii() or not item.isprintable():
+            raise ConfigError(key, problem)
+        try:
+            parts = urlsplit(f"//{item}")
+            host, port = parts.hostname, parts.port
+        except ValueError:
+            raise ConfigError(key, problem) from None
+        if not host or not port or " " in item or parts.path or parts.username:
+            raise ConfigError(key, problem)
+        if (host, port) in found:
+            raise ConfigError(key, f"[{index}] {item} is named twice")
+        found.append((host, port))
+    return tuple(found)
 
 
 def _id_sources(raw: Mapping[str, Any]) -> tuple[IdSource, ...]:

@@ -5,6 +5,12 @@
 - ``redis_url`` (function): FLUSHALLs that server and yields its URL.
 - ``redis_relay`` (function): a started ``FaultRelay`` in front of that (emptied) server;
   ``relay.url("redis", "/0")`` reaches Redis through it.
+- ``redis_cluster`` (session): a ``RedisCluster`` of three masters with a replica each
+  (``.url``, ``.masters()``, ``.owner(key)``, ``.kill(node)``, ``.promote(replica)``);
+  ``cluster`` (function): the same, healthy and emptied.
+- ``redis_sentinels`` (session): ``RedisSentinels``, a primary, a replica and three sentinels
+  watching ``mymaster`` (``.addresses``, ``.primary()``, ``.failover()``, ``.kill(server)``);
+  ``sentinels`` (function): the same, healthy, the primary emptied.
 - ``upstream`` (function): a started ``UpstreamStub``.
 - ``start_proxy`` (function): ``start_proxy(config, env=None, **options) -> ProxyProcess``.
 - ``openai_client`` (function): ``openai_client(proxy_or_base_url, **options) -> openai.OpenAI``.
@@ -28,6 +34,8 @@ from tests.support.proxy_process import (
     StartProxy,
     make_openai_client,
 )
+from tests.support.redis_cluster import RedisCluster
+from tests.support.redis_sentinel import RedisSentinels
 from tests.support.redis_server import RedisServer, RedisServerNotFound
 from tests.support.upstream_stub import UpstreamStub
 
@@ -64,6 +72,52 @@ def redis_relay(redis_server: RedisServer, redis_url: str) -> Iterator[FaultRela
         yield relay
     finally:
         relay.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """A private Redis Cluster for the whole session (about 2 s to start), stopped at the end."""
+    try:
+        cluster = RedisCluster(tmp_path_factory.mktemp("cluster"))
+    except RedisServerNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def cluster(redis_cluster: RedisCluster) -> Iterator[RedisCluster]:
+    """The private cluster, every node up and every master emptied; healthy again after."""
+    redis_cluster.wait_healthy()
+    redis_cluster.flushall()
+    yield redis_cluster
+    redis_cluster.wait_healthy()
+
+
+@pytest.fixture(scope="session")
+def redis_sentinels(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisSentinels]:
+    """A private primary, replica and three sentinels (about 2 s to start)."""
+    try:
+        setup = RedisSentinels(tmp_path_factory.mktemp("sentinel"))
+    except RedisServerNotFound as exc:
+        pytest.fail(str(exc), pytrace=False)
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
+
+
+@pytest.fixture
+def sentinels(redis_sentinels: RedisSentinels) -> Iterator[RedisSentinels]:
+    """The private Sentinel set-up, healthy and its primary emptied; healthy again after."""
+    redis_sentinels.wait_healthy()
+    redis_sentinels.primary().flushall()
+    yield redis_sentinels
+    redis_sentinels.wait_healthy()
 
 
 @pytest.fixture

@@ -143,3 +143,19 @@ def test_check_config_exits_2_with_one_line(
         "sentinel-proxy: configuration error: providers[0].api_key_env: environment variable "
         "OPENAI_API_KEY is not set\n"
     )
+
+
+def test_a_cluster_or_sentinel_store_is_named_as_such(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.toml"
+    cluster.write_text('[session]\nredis_url = "redis://:pw@10.0.0.5:7000"\ncluster = true\n')
+    shown = describe(load_config(str(cluster), env={}))
+    assert "sessions: Redis Cluster via redis://10.0.0.5:7000/0, ttl 86400 s" in shown
+    assert "pw" not in shown
+    sentinel = tmp_path / "sentinel.toml"
+    sentinel.write_text(
+        '[session]\nsentinels = ["10.0.0.7:26379", "[::1]:26380"]\nsentinel_service = "m"\n'
+    )
+    assert (
+        "sessions: Redis primary of 'm' (sentinels 10.0.0.7:26379, ::1:26380), ttl 86400 s"
+        in describe(load_config(str(sentinel), env={}))
+    )

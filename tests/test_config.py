@@ -651,3 +651,78 @@ def test_tracing_service_name_and_conversation_key(tmp_path: Path) -> None:
     assert config.tracing.conversation_key == Secret("k" * 32)
     assert config.tracing.service_name == "gateway-eu"
     assert "kkkk" not in repr(config)
+
+
+def test_cluster_and_sentinel_settings(tmp_path: Path) -> None:
+    default = load_config(None, env={}).session
+    assert (default.cluster, default.sentinels, default.sentinel_service) == (False, (), None)
+    text = '[session]\nredis_url = "redis://10.0.0.5:7000"\ncluster = true\n'
+    assert load_config(write(tmp_path, text), env={}).session.cluster
+    text = (
+        '[session]\nsentinels = ["10.0.0.7:26379", "sentinel-b:26380", "[::1]:26381"]\n'
+        'sentinel_service = "mymaster"\n'
+    )
+    session = load_config(write(tmp_path, text), env={}, overrides={"workers": 2}).session
+    assert session.sentinels == (("10.0.0.7", 26379), ("sentinel-b", 26380), ("::1", 26381))
+    assert (session.sentinel_service, session.redis_url) == ("mymaster", None)
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "words"),
+    [
+        ("cluster = true", "session.cluster", "needs session.redis_url"),
+        ('redis_url = "redis://h:1/2"\ncluster = true', "session.redis_url", "database 0"),
+        ('redis_url = "redis://h:1?db=3"\ncluster = true', "session.redis_url", "database 0"),
+        ('redis_url = "unix:///tmp/r.sock"\ncluster = true', "session.redis_url", "TCP"),
+        ('redis_url = "redis://h:1"\ncluster = "yes"', "session.cluster", "true or false"),
+        (
+            'redis_url = "redis://h:1"\ncluster = true\nsentinels = ["h:2"]\n'
+            'sentinel_service = "m"',
+            "session.sentinels",
+            "cannot go with session.cluster",
+        ),
+        ('sentinels = ["h:26379"]', "session.sentinel_service", "required"),
+        ('sentinel_service = "m"', "session.sentinel_service", "needs session.sentinels"),
+        ('sentinels = []\nsentinel_service = "m"', "session.sentinels", "non-empty array"),
+        ('sentinels = "h:1"\nsentinel_service = "m"', "session.sentinels", "non-empty array"),
+        ('sentinels = ["h"]\nsentinel_service = "m"', "session.sentinels", "[0] must be"),
+        ('sentinels = ["h:1", "h:0"]\nsentinel_service = "m"', "session.sentinels", "[1] must"),
+        ('sentinels = ["h:70000"]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = [":1"]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = ["h:1/x"]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = [26379]\nsentinel_service = "m"', "session.sentinels", "[0] must"),
+        ('sentinels = ["h:1", "h:1"]\nsentinel_service = "m"', "session.sentinels", "twice"),
+        ('sentinels = ["h:1"]\nsentinel_service = " m"', "session.sentinel_service", "printable"),
+        (
+            'redis_url = "unix:///tmp/r.sock"\nsentinels = ["h:1"]\nsentinel_service = "m"',
+            "session.redis_url",
+            "not unix://",
+        ),
+    ],
+)
+def test_bad_cluster_and_sentinel_settings_name_the_key(
+    tmp_path: Path, text: str, key: str, words: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[session]\n{text}\n"), env={})
+    assert info.value.key == key
+    assert words in str(info.value)
+
+
+def test_sentinels_are_a_shared_store_for_workers(tmp_path: Path) -> None:
+    text = '[session]\nsentinels = ["h:26379"]\nsentinel_service = "m"\n'
+    config = load_config(write(tmp_path, text), env={}, overrides={"workers": 3})
+    assert config.server.workers == 3
+
+
+def test_the_near_cache_is_for_one_redis_only(tmp_path: Path) -> None:
+    cluster = '[session]\nredis_url = "redis://h:1"\ncluster = true\n'
+    assert not load_config(write(tmp_path, cluster), env={}).session.near_cache
+    sentinel = '[session]\nsentinels = ["h:1"]\nsentinel_service = "m"\n'
+    assert not load_config(write(tmp_path, sentinel), env={}).session.near_cache
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, cluster + "near_cache = true\n"), env={})
+    assert info.value.key == "session.near_cache"
+    assert load_config(
+        write(tmp_path, '[session]\nredis_url = "redis://h:1"\n'), env={}
+    ).session.near_cache

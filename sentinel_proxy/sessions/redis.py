@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 from redis.asyncio.connection import AbstractConnection, ConnectionPool
+from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError, ResponseError
 
 from sentinel_proxy.exceptions import StoreUnavailable
 from sentinel_proxy.sessions.base import (
@@ -55,6 +55,8 @@ return ARGV[3]
 
 # A stored value may be replaced at most this often within one call before we give up.
 _ATTEMPTS = 3
+# MOVED or ASK replies one command may follow before it fails.
+_REDIRECTS = 3
 # While Redis keeps answering, a call may wait this many budgets for its own reply.
 _BUSY_BUDGETS = 10
 # Error replies that say the server cannot serve us now, whatever the command: a demoted
@@ -101,21 +103,21 @@ class _Connections:
     connect afresh (to the new primary, where a name or a load balancer points there).
     """
 
-    def __init__(self, url: str, *, size: int, connect_timeout: float, cap: float) -> None:
-        # A pool used only to parse the URL into a connection class and its arguments.
-        # No socket timeout: the batch's cap bounds it, and redis-py would otherwise wrap
-        # each write in a task of its own.
-        template = ConnectionPool.from_url(
-            url, socket_timeout=None, socket_connect_timeout=connect_timeout
-        )
-        self._connection_class = template.connection_class
-        # Replies stay bytes whatever the URL says (`decode_responses`): the store compares
-        # them with the bytes it wrote.
-        self._connection_kwargs = {**template.connection_kwargs, "decode_responses": False}
+    def __init__(
+        self,
+        connection_class: type[AbstractConnection],
+        connection_kwargs: dict[str, Any],
+        *,
+        size: int,
+        cap: float,
+    ) -> None:
+        self._connection_class = connection_class
+        self._connection_kwargs = connection_kwargs
         self._cap = cap
         self._slots = asyncio.Semaphore(size)
         self._idle: list[AbstractConnection] = []
-        self._all: list[AbstractConnection] = []
+        # Every connection to the server named now (`retarget` forgets the others).
+        self._all: set[AbstractConnection] = set()
         self._queue: list[tuple[tuple[Any, ...], asyncio.Future[Any]]] = []
         self._batches: set[asyncio.Task[None]] = set()
         # For each batch on a connection: loop time since which Redis has owed it an
@@ -131,6 +133,29 @@ class _Connections:
             self._batches.add(batch)
             batch.add_done_callback(self._batches.discard)
         return future
+
+    def call_asking(self, *args: Any) -> asyncio.Future[Any]:
+        """`args` preceded by ASKING (a cluster's redirection during a slot migration): both
+        are queued together, so they go out adjacent on one connection."""
+        asking = self.call("ASKING")
+        asking.add_done_callback(_retrieve)
+        return self.call(*args)
+
+    async def retarget(self, host: str, port: int) -> None:
+        """From now on connect to `host:port` (a new primary). Idle connections to the old
+        one close now, busy ones when their batch is over."""
+        self._connection_kwargs = {**self._connection_kwargs, "host": host, "port": port}
+        idle, self._idle = self._idle, []
+        self._all.clear()
+        for connection in idle:
+            await connection.disconnect(nowait=True)
+
+    async def drop_idle(self) -> None:
+        """Close the idle connections (to a server no longer used)."""
+        idle, self._idle = self._idle, []
+        for connection in idle:
+            self._all.discard(connection)
+            await connection.disconnect(nowait=True)
 
     def owed_since(self) -> float | None:
         """Since when Redis has kept a batch waiting, or None when no batch waits on it."""
@@ -157,7 +182,10 @@ class _Connections:
                             await idle.disconnect(nowait=True)
                     raise
                 finally:
-                    self._idle.append(connection)
+                    if connection in self._all:
+                        self._idle.append(connection)
+                    else:  # made for a server that is no longer the one named
+                        await connection.disconnect(nowait=True)
         except BaseException as exc:
             if not batch:  # ended before it had a connection: the queue was its batch
                 batch, self._queue = self._queue, []
@@ -173,7 +201,7 @@ class _Connections:
 
     def _connect(self) -> AbstractConnection:
         connection = self._connection_class(**self._connection_kwargs)
-        self._all.append(connection)
+        self._all.add(connection)
         return connection
 
     async def _exchange(
@@ -232,12 +260,32 @@ class _Connections:
         self._all.clear()
 
 
+class _Node:
+    """One Redis server the store talks to: its connections and its circuit breaker."""
+
+    __slots__ = ("name", "connections", "breaker", "probe_key")
+
+    def __init__(
+        self, name: str, connections: _Connections, breaker: CircuitBreaker, probe_key: str
+    ) -> None:
+        self.name = name
+        self.connections = connections
+        self.breaker = breaker
+        # The readiness probe's key: one that this server serves.
+        self.probe_key = probe_key
+
+
 class RedisStore:
     """Sessions in Redis under `sentinel:session:{id}` with a sliding TTL.
 
     Every call has one time budget (connect, pool wait and reply together) and goes
     through a circuit breaker, so a dead or black-holed Redis costs a request at most
     the budget, and nothing at all while the breaker is open.
+
+    This class talks to the one server of its URL. Its subclasses find their servers
+    otherwise (through Sentinel, or a Redis Cluster's slot map) by overriding `_route`,
+    `_locate`, `_suspect`, `_redirect` and `_nodes`: every key still goes to one server, in
+    one round trip for a hit.
     """
 
     def __init__(
@@ -250,17 +298,37 @@ class RedisStore:
         breaker: CircuitBreaker,
         accept: Acceptor = lambda session: True,
     ) -> None:
-        self._redis = _Connections(
-            url, size=max_connections, connect_timeout=timeout, cap=timeout * _BUSY_BUDGETS
-        )
+        # A pool used only to parse the URL into a connection class and its arguments.
+        # No socket timeout: the batch's cap bounds it, and redis-py would otherwise wrap
+        # each write in a task of its own.
+        template = ConnectionPool.from_url(url, socket_timeout=None, socket_connect_timeout=timeout)
+        self._connection_class = template.connection_class
+        # Replies stay bytes whatever the URL says (`decode_responses`): the store compares
+        # them with the bytes it wrote.
+        self._connection_kwargs = {**template.connection_kwargs, "decode_responses": False}
+        self._max_connections = max_connections
         self._ttl = ttl_seconds
         self._timeout = timeout
-        self._breaker = breaker
         self._accept = accept
+        self._node = self._make_node(self._connection_kwargs, breaker, _PROBE_KEY)
+        self._redirected = False
 
     @property
     def breaker(self) -> CircuitBreaker:
-        return self._breaker
+        """The circuit breaker of the store's server (with a cluster: of the URL's node)."""
+        return self._node.breaker
+
+    def _make_node(
+        self, connection_kwargs: dict[str, Any], breaker: CircuitBreaker, probe_key: str
+    ) -> _Node:
+        connections = _Connections(
+            self._connection_class,
+            connection_kwargs,
+            size=self._max_connections,
+            cap=self._timeout * _BUSY_BUDGETS,
+        )
+        name = f"{connection_kwargs.get('host')}:{connection_kwargs.get('port')}"
+        return _Node(name, connections, breaker, probe_key)
 
     def set_ttl(self, seconds: int) -> None:
         self._ttl = seconds
@@ -268,49 +336,99 @@ class RedisStore:
     async def get_or_create(
         self, conversation_id: str, external_id: str | None, make: Maker
     ) -> tuple[Session, bool]:
-        return await self._guarded(self._get_or_create, conversation_id, external_id, make)
+        key = session_key(conversation_id, external_id)
+        return await self._guarded(
+            key, self._get_or_create, key, conversation_id, external_id, make
+        )
 
     async def repin(self, failed: Session, replacement: Session) -> Session:
-        return await self._guarded(self._repin, failed, replacement)
+        return await self._guarded(failed.key, self._repin, failed, replacement)
 
     async def get(self, conversation_id: str, external_id: str | None = None) -> Session | None:
         key = session_key(conversation_id, external_id)
-        raw = await self._guarded(self._redis.call, "GET", key)
+        raw = await self._guarded(key, self._command, "GET", key)
         return None if raw is None else decode_session(raw, conversation_id, external_id)
 
     async def delete(self, conversation_id: str, external_id: str | None = None) -> bool:
         key = session_key(conversation_id, external_id)
-        return bool(await self._guarded(self._redis.call, "DEL", key))
+        return bool(await self._guarded(key, self._command, "DEL", key))
 
     async def ping(self) -> bool:
         """Whether Redis would serve the store's own commands now (a replica answers PING
-        but refuses them): one GETEX, of a key no conversation can have."""
+        but refuses them): one GETEX, of a key no conversation can have, on each server
+        the store uses. True when one of them serves (a cluster with one master down
+        still serves every conversation of the others)."""
         try:
-            async with asyncio.timeout(self._timeout):
-                await self._redis.call("GETEX", _PROBE_KEY, "EX", self._ttl)
+            nodes = await self._nodes()
         except (RedisError, OSError, TimeoutError):
             return False
-        self._breaker.success()
-        return True
+        served = await asyncio.gather(*(self._probe(node) for node in nodes))
+        return any(served)
 
     async def aclose(self) -> None:
-        await self._redis.aclose()
+        await self._node.connections.aclose()
+
+    # -- where a key goes: one server here; overridden for Sentinel and Redis Cluster -----
+    def _route(self, key: str) -> _Node | None:
+        """The server of `key`, or None when it is not known yet (see `_locate`)."""
+        return self._node
+
+    async def _locate(self, key: str) -> _Node | None:
+        """The server of `key` once the servers have been looked up, within one budget."""
+        return self._node
+
+    def _suspect(self, node: _Node) -> None:
+        """`node` failed or its breaker is open: time to look whether another server took
+        over its keys (a failover)."""
+
+    def _redirect(self, error: AskError) -> _Node | None:
+        """Where a MOVED or ASK reply sends the command, if anywhere."""
+        if not self._redirected:
+            self._redirected = True
+            logger.warning(
+                "Redis at %s answered %s: it is a Redis Cluster node (set session.cluster = true)",
+                self._node.name,
+                error.status_code,
+            )
+        return None
+
+    async def _nodes(self) -> list[_Node]:
+        """Every server the store uses now (for the readiness probe)."""
+        return [self._node]
+
+    # -- the commands -----------------------------------------------------------------------
+    async def _command(self, node: _Node, *args: Any) -> Any:
+        """`args` on `node`, following MOVED and ASK replies to another server."""
+        try:
+            return await node.connections.call(*args)
+        except AskError as exc:  # MovedError is one too
+            error = exc
+        for _ in range(_REDIRECTS):
+            target = self._redirect(error)
+            if target is None:
+                break
+            try:
+                if isinstance(error, MovedError):
+                    return await target.connections.call(*args)
+                return await target.connections.call_asking(*args)
+            except AskError as exc:
+                error = exc
+        raise error
 
     async def _get_or_create(
-        self, conversation_id: str, external_id: str | None, make: Maker
+        self, node: _Node, key: str, conversation_id: str, external_id: str | None, make: Maker
     ) -> tuple[Session, bool]:
-        key = session_key(conversation_id, external_id)
-        call = self._redis.call
-        raw = await call("GETEX", key, "EX", self._ttl)
+        call = self._command
+        raw = await call(node, "GETEX", key, "EX", self._ttl)
         candidate: Session | None = None
         for _ in range(_ATTEMPTS):
             if raw is None:
                 candidate = candidate or make()
                 value = candidate.to_json()
-                if await call("SET", key, value, "NX", "EX", self._ttl) is not None:
+                if await call(node, "SET", key, value, "NX", "EX", self._ttl) is not None:
                     return candidate, True
                 # Another request created it between our GETEX and SET: use theirs.
-                raw = await call("GETEX", key, "EX", self._ttl)
+                raw = await call(node, "GETEX", key, "EX", self._ttl)
                 continue
             found = decode_session(raw, conversation_id, external_id)
             if found is not None and self._accept(found):
@@ -318,51 +436,127 @@ class RedisStore:
             logger.warning("replacing unusable session value for conversation %s", conversation_id)
             candidate = candidate or make()
             value = candidate.to_json()
-            stored = await call("EVAL", _REPLACE, 1, key, raw, value, self._ttl)
+            stored = await call(node, "EVAL", _REPLACE, 1, key, raw, value, self._ttl)
             if stored == value:
                 return candidate, True
             raw = stored
         raise StoreUnavailable("the session store keeps returning unusable values")
 
-    async def _repin(self, failed: Session, replacement: Session) -> Session:
+    async def _repin(self, node: _Node, failed: Session, replacement: Session) -> Session:
         value = replacement.to_json()
-        stored = await self._redis.call(
-            "EVAL", _REPIN, 1, failed.key, failed.provider, failed.model, value, self._ttl
+        stored = await self._command(
+            node, "EVAL", _REPIN, 1, failed.key, failed.provider, failed.model, value, self._ttl
         )
         if stored == value:
             return replacement
         found = decode_session(stored, failed.id, failed.external_id)
         return found if found is not None and self._accept(found) else replacement
 
-    async def _guarded(self, work: Callable[..., Awaitable[T]], *args: Any) -> T:
-        """`work(*args)` under the breaker and the deadline, Redis errors made ours."""
-        if not self._breaker.allow():
+    async def _probe(self, node: _Node) -> bool:
+        try:
+            async with asyncio.timeout(self._timeout):
+                await self._command(node, "GETEX", node.probe_key, "EX", self._ttl)
+        except (RedisError, OSError, TimeoutError):
+            self._suspect(node)
+            return False
+        node.breaker.success()
+        return True
+
+    async def _guarded(self, key: str, work: Callable[..., Awaitable[T]], *args: Any) -> T:
+        """`work(node, *args)` on the server of `key`, under its breaker and the deadline,
+        Redis errors made ours."""
+        node = self._route(key)
+        if node is None:
+            try:
+                node = await self._locate(key)
+            except (RedisError, OSError, TimeoutError) as exc:
+                raise StoreUnavailable("no session store server could be found") from exc
+            if node is None:
+                raise StoreUnavailable("no session store server serves this conversation")
+        breaker = node.breaker
+        if not breaker.allow():
+            self._suspect(node)
             raise StoreUnavailable("the session store is unavailable (circuit open)")
         deadline: _Deadline | None = None
         try:
             async with asyncio.timeout(None) as timeout:
-                deadline = _Deadline(timeout, budget=self._timeout, store=self._redis)
+                deadline = _Deadline(timeout, budget=self._timeout, store=node.connections)
                 try:
-                    result = await work(*args)
+                    result = await work(node, *args)
                 finally:
                     deadline.cancel()
         except TimeoutError as exc:
             if deadline is not None and deadline.silent:
-                self._breaker.failure()
+                breaker.failure()
+                self._suspect(node)
                 raise StoreUnavailable("the session store did not answer in time") from exc
             raise StoreUnavailable("the proxy is too busy to wait for the session store") from exc
         except ResponseError as exc:
             if not _unserved(exc):
                 # A command's own error (WRONGTYPE on a hand-made key): Redis did answer.
-                self._breaker.success()
+                breaker.success()
                 raise StoreUnavailable("the session store refused the command") from exc
-            self._breaker.failure()
+            breaker.failure()
+            self._suspect(node)
             raise StoreUnavailable("the session store cannot serve requests now") from exc
         except (RedisError, OSError) as exc:
-            self._breaker.failure()
+            breaker.failure()
+            self._suspect(node)
             raise StoreUnavailable("the session store is unreachable") from exc
-        self._breaker.success()
+        breaker.success()
         return result
+
+
+class _Lookup:
+    """Finding the servers again (Sentinel's primary, a cluster's slot map) with `look`,
+    which returns whether it found them: one lookup at a time, which callers may join.
+    Failures ask for one at most once per `interval`, in the background."""
+
+    def __init__(
+        self, look: Callable[[_Node | None], Coroutine[Any, Any, bool]], *, interval: float
+    ) -> None:
+        self._look = look
+        self._interval = interval
+        self._task: asyncio.Task[bool] | None = None
+        self._ended_at: float | None = None
+
+    def soon(self, failed: _Node | None) -> None:
+        """Look again, unless a lookup is under way or ended less than `interval` ago."""
+        if self._task is None:
+            now = asyncio.get_running_loop().time()
+            if self._ended_at is None or now - self._ended_at >= self._interval:
+                self._start(failed)
+
+    async def now(self, budget: float) -> None:
+        """Until a lookup (the one under way, or a new one) has found the servers; raises
+        RedisError when it did not, TimeoutError after `budget`."""
+        task = self._task or self._start(None)
+        async with asyncio.timeout(budget):
+            if not await asyncio.shield(task):
+                raise RedisError("the session store's servers could not be found")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+
+    def _start(self, failed: _Node | None) -> asyncio.Task[bool]:
+        task = asyncio.get_running_loop().create_task(self._look(failed))
+        self._task = task
+        task.add_done_callback(self._ended)
+        return task
+
+    def _ended(self, task: asyncio.Task[bool]) -> None:
+        self._task = None
+        self._ended_at = task.get_loop().time()
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("looking up the session store's servers failed", exc_info=task.exception())
+
+
+def _retrieve(future: asyncio.Future[Any]) -> None:
+    """Mark a future's outcome as seen (nobody awaits it)."""
+    if not future.cancelled():
+        future.exception()
 
 
 class _Deadline:

@@ -21,7 +21,8 @@ packets: a connection that lost some is no use afterwards. Resets are real TCP r
 `CLIENT KILL` on the far side of a load balancer. Counters, readable at any time:
 `accepted` (connections accepted), `open_connections`, `awaiting_connections` (open ones
 whose client spoke last: it awaits an answer), `bytes_from_clients` (read from clients,
-forwarded or not): they tell whether a client touched the server at all.
+forwarded or not): they tell whether a client touched the server at all; `bytes_from_server`
+(read from the server).
 
 The relay runs its own event loop in a daemon thread, so sync tests and async tests (on
 their own loop) drive it alike.
@@ -52,6 +53,7 @@ class FaultRelay:
         self.port = 0
         self.accepted = 0
         self.bytes_from_clients = 0
+        self.bytes_from_server = 0
         self._mode = _PASS
         self._delay = 0.0
         self._links: set[_Link] = set()
@@ -201,6 +203,8 @@ class FaultRelay:
                     self.bytes_from_clients += len(chunk)
                     if self._mode == _CUT:
                         break
+                else:
+                    self.bytes_from_server += len(chunk)
                 if self._mode == _BLACK_HOLE:
                     continue
                 due = loop.time() + (self._delay if self._mode == _DELAY else 0.0)

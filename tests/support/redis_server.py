@@ -13,6 +13,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -39,7 +40,9 @@ class RedisServerError(RuntimeError):
 class RedisServer:
     """One ``redis-server`` subprocess on ``127.0.0.1:port``."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, extra_args: Sequence[str] = ()
+    ) -> None:
         binary = shutil.which("redis-server")
         if binary is None:
             raise RedisServerNotFound(INSTALL_HINT)
@@ -49,6 +52,8 @@ class RedisServer:
         self.workdir = workdir
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / f"redis-{self.port}.log"
+        # More redis-server options (cluster mode, replication), after the ones above.
+        self.extra_args = tuple(extra_args)
         self._proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._paused = False
@@ -104,6 +109,7 @@ class RedisServer:
                 "no",
                 "--dir",
                 str(self.workdir),
+                *self.extra_args,
             ],
             stdin=subprocess.DEVNULL,
             stdout=self._log,
