@@ -74,9 +74,10 @@ def create_store(config: Config, accept: Acceptor) -> SessionStore:
 
     ttl, timeout = settings.ttl_seconds, settings.timeout_seconds
     size = settings.redis_max_connections
+    store: RedisStore
     if settings.sentinels:
         assert settings.sentinel_service is not None
-        return RedisSentinelStore(
+        store = RedisSentinelStore(
             # Its host is not used: the sentinels name the primary.
             settings.redis_url.reveal() if settings.redis_url else "redis://",
             sentinels=settings.sentinels,
@@ -87,33 +88,32 @@ def create_store(config: Config, accept: Acceptor) -> SessionStore:
             breaker=breaker(),
             accept=accept,
         )
-    if settings.redis_url is None:
+    elif settings.redis_url is None:
         return MemoryStore(
             ttl_seconds=ttl, max_sessions=settings.memory_max_sessions, accept=accept
         )
-    url = settings.redis_url.reveal()
-    if settings.cluster:
-        return RedisClusterStore(
-            url,
+    elif settings.cluster:
+        store = RedisClusterStore(
+            settings.redis_url.reveal(),
             ttl_seconds=ttl,
             timeout=timeout,
             max_connections=size,
             breakers=breaker,
             accept=accept,
         )
-    store = RedisStore(
-        url,
-        ttl_seconds=ttl,
-        timeout=timeout,
-        max_connections=size,
-        breaker=breaker(),
-        accept=accept,
-    )
+    else:
+        store = RedisStore(
+            settings.redis_url.reveal(),
+            ttl_seconds=ttl,
+            timeout=timeout,
+            max_connections=size,
+            breaker=breaker(),
+            accept=accept,
+        )
     if not settings.near_cache:
         return store
     return NearCache(
         store,
-        url,
         ttl_seconds=ttl,
         renew_interval=settings.renew_interval_seconds,
         max_entries=settings.near_cache_max_entries,

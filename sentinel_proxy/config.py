@@ -592,13 +592,6 @@ def _session(raw: dict[str, Any], env: Mapping[str, str]) -> SessionConfig:
     elif sentinels and redis_url is not None and urlsplit(redis_url).scheme == "unix":
         raise ConfigError("session.redis_url", "the sentinels name a TCP primary: not unix://")
     near_cache = _bool(merged, "session.", "near_cache", True)
-    if cluster or sentinels:
-        # Its invalidations come over one tracking connection to one server.
-        if "near_cache" in merged and near_cache:
-            raise ConfigError(
-                "session.near_cache", "works with one Redis only, not with cluster or sentinels"
-            )
-        near_cache = False
     return SessionConfig(
         redis_url=Secret(redis_url) if redis_url else None,
         ttl_seconds=ttl,

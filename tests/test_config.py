@@ -715,14 +715,13 @@ def test_sentinels_are_a_shared_store_for_workers(tmp_path: Path) -> None:
     assert config.server.workers == 3
 
 
-def test_the_near_cache_is_for_one_redis_only(tmp_path: Path) -> None:
+def test_the_near_cache_is_on_for_every_redis_store_and_can_be_turned_off(
+    tmp_path: Path,
+) -> None:
     cluster = '[session]\nredis_url = "redis://h:1"\ncluster = true\n'
-    assert not load_config(write(tmp_path, cluster), env={}).session.near_cache
     sentinel = '[session]\nsentinels = ["h:1"]\nsentinel_service = "m"\n'
-    assert not load_config(write(tmp_path, sentinel), env={}).session.near_cache
-    with pytest.raises(ConfigError) as info:
-        load_config(write(tmp_path, cluster + "near_cache = true\n"), env={})
-    assert info.value.key == "session.near_cache"
-    assert load_config(
-        write(tmp_path, '[session]\nredis_url = "redis://h:1"\n'), env={}
-    ).session.near_cache
+    single = '[session]\nredis_url = "redis://h:1"\n'
+    for text in (cluster, sentinel, single):
+        assert load_config(write(tmp_path, text), env={}).session.near_cache
+        off = load_config(write(tmp_path, text + "near_cache = false\n"), env={})
+        assert not off.session.near_cache

@@ -14,7 +14,7 @@ from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 
 from sentinel_proxy.sessions.base import KEY_PREFIX, Acceptor
 from sentinel_proxy.sessions.breaker import CircuitBreaker
-from sentinel_proxy.sessions.redis import RedisStore, _Lookup, _Node
+from sentinel_proxy.sessions.redis import Node, RedisStore, _Lookup
 
 logger = logging.getLogger("sentinel_proxy.sessions")
 
@@ -57,9 +57,9 @@ class RedisClusterStore(RedisStore):
             accept=accept,
         )
         self._breakers = breakers
-        self._known: dict[str, _Node] = {self._node.name: self._node}
-        self._slots: list[_Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
-        self._masters: list[_Node] = []
+        self._known: dict[str, Node] = {self._node.name: self._node}
+        self._slots: list[Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        self._masters: list[Node] = []
         self._lookup = _Lookup(self._read_map, interval=timeout)
         self._refused = False
 
@@ -73,22 +73,25 @@ class RedisClusterStore(RedisStore):
         for node in self._known.values():
             await node.connections.aclose()
 
-    def _route(self, key: str) -> _Node | None:
+    def servers(self) -> list[Node]:
+        return list(self._masters)
+
+    def _route(self, key: str) -> Node | None:
         return self._slots[key_slot(key.encode())]
 
-    async def _locate(self, key: str) -> _Node | None:
+    async def _locate(self, key: str) -> Node | None:
         await self._lookup.now(self._timeout)
         return self._route(key)
 
-    async def _nodes(self) -> list[_Node]:
+    async def _nodes(self) -> list[Node]:
         if not self._masters:
             await self._lookup.now(self._timeout)
         return list(self._masters)
 
-    def _suspect(self, node: _Node) -> None:
+    def _suspect(self, node: Node) -> None:
         self._lookup.soon(node)
 
-    def _redirect(self, error: AskError) -> _Node | None:
+    def _redirect(self, error: AskError) -> Node | None:
         node = self._node_at(error.host, error.port)
         if isinstance(error, MovedError):
             if node not in self._masters:
@@ -99,7 +102,7 @@ class RedisClusterStore(RedisStore):
         return node
 
     # -- the slot map -----------------------------------------------------------------------
-    async def _read_map(self, avoid: _Node | None) -> bool:
+    async def _read_map(self, avoid: Node | None) -> bool:
         """Ask the masters that answer (then every other node known) for the slot map."""
         masters = [node for node in self._masters if node is not avoid]
         random.shuffle(masters)
@@ -127,11 +130,11 @@ class RedisClusterStore(RedisStore):
                 return True
         return False
 
-    def _apply(self, reply: Any, via: _Node) -> bool:
+    def _apply(self, reply: Any, via: Node) -> bool:
         """Take a CLUSTER SLOTS reply as the map: [[first, last, [host, port, id, ...],
         replica, ...], ...]. False when it serves no slot."""
-        slots: list[_Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
-        masters: dict[str, _Node] = {}
+        slots: list[Node | None] = [None] * REDIS_CLUSTER_HASH_SLOTS
+        masters: dict[str, Node] = {}
         via_host = via.name.rsplit(":", 1)[0]
         for first, last, primary, *_ in reply:
             host = primary[0].decode() if isinstance(primary[0], bytes) else str(primary[0])
@@ -155,7 +158,7 @@ class RedisClusterStore(RedisStore):
             task.add_done_callback(_ignore)
         return True
 
-    def _node_at(self, host: str, port: int) -> _Node:
+    def _node_at(self, host: str, port: int) -> Node:
         name = f"{host}:{port}"
         node = self._known.get(name)
         if node is None:
@@ -165,7 +168,7 @@ class RedisClusterStore(RedisStore):
         return node
 
 
-def _probe_key(node: _Node, slots: list[_Node | None]) -> str:
+def _probe_key(node: Node, slots: list[Node | None]) -> str:
     """A key that no conversation can have, in one of `node`'s slots."""
     tag = 0
     while slots[key_slot(f"{_PROBE_PREFIX}{tag}}}".encode())] is not node:

@@ -1,10 +1,13 @@
 """The near-cache: recently used pins kept in this process, so a hit costs no Redis round
 trip, invalidated by Redis itself (client tracking, see tracking.py).
 
-- A pin is cached only from a read made on the tracking connection, so Redis tracks every
+- A pin is cached only from a read made on the tracking connection to the server that holds
+  its key (one per Redis Cluster master; the primary under Sentinel), so Redis tracks every
   cached key for this process: a re-pin, a delete or an expiry anywhere invalidates it.
-- While the tracking connection is down nothing is served from the cache (it was flushed
-  when the connection went) and every call reads through the store.
+- An entry is served only while its key is still held by the server it was read from: a
+  moved slot or a new primary makes it a miss.
+- When a tracking connection goes down the whole cache is flushed (an invalidation may have
+  been lost on it); until it is back, lookups of its server's keys read through the store.
 - The sliding TTL is renewed at most once per `renew_interval` per key per process, in the
   background (EXPIRE, then GET to read the key back and track it again), so it is accurate
   to within that interval. Each entry also keeps the time its key expires in Redis at the
@@ -22,22 +25,24 @@ from typing import Any
 from sentinel_proxy.exceptions import StoreUnavailable
 from sentinel_proxy.sessions.base import Acceptor, Maker, Session, decode_session, session_key
 from sentinel_proxy.sessions.breaker import CircuitBreaker
-from sentinel_proxy.sessions.redis import RedisStore
-from sentinel_proxy.sessions.tracking import Tracker, TrackerDown
+from sentinel_proxy.sessions.redis import Node, RedisStore
+from sentinel_proxy.sessions.tracking import ReplyError, Tracker, TrackerDown
 
 # Renewals due are sent together this long after the first of them.
 _RENEW_BATCH_DELAY = 0.05
-# What an entry costs beside its strings (the dict slot, the tuple, the floats).
+# What an entry costs beside its strings (the dict slot, the object, the floats).
 _ENTRY_OVERHEAD = 200
 
 
 class _Entry:
-    __slots__ = ("session", "expires", "size", "renewing")
+    __slots__ = ("session", "expires", "size", "server", "renewing")
 
-    def __init__(self, session: Session, expires: float, size: int) -> None:
+    def __init__(self, session: Session, expires: float, size: int, server: str) -> None:
         self.session = session
         self.expires = expires
         self.size = size
+        # The server the entry was read from, tracked on its tracking connection.
+        self.server = server
         self.renewing = False
 
 
@@ -47,7 +52,6 @@ class NearCache:
     def __init__(
         self,
         store: RedisStore,
-        url: str,
         *,
         ttl_seconds: int,
         renew_interval: float,
@@ -68,12 +72,11 @@ class NearCache:
         self._clock = clock
         self._entries: OrderedDict[str, _Entry] = OrderedDict()
         self._bytes = 0
-        self._due: dict[str, Session] = {}
+        self._trackers: dict[str, Tracker] = {}
+        self._closing: set[asyncio.Task[None]] = set()
+        self._due: dict[str, _Entry] = {}
         self._renewal: asyncio.TimerHandle | None = None
         self._renewals: set[asyncio.Task[None]] = set()
-        self._tracker = Tracker(
-            url, timeout=timeout, on_invalidate=self._invalidate, on_down=self._flush
-        )
         # Told of each "hit", "miss" and "invalidation" (the metrics).
         self.count: Callable[[str], None] = _ignore
 
@@ -83,7 +86,12 @@ class NearCache:
 
     @property
     def tracking(self) -> bool:
-        return self._tracker.live
+        """Whether every server's tracking connection is up."""
+        servers = self._store.servers()
+        return bool(servers) and all(
+            (tracker := self._trackers.get(node.name)) is not None and tracker.live
+            for node in servers
+        )
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -92,28 +100,27 @@ class NearCache:
         self, conversation_id: str, external_id: str | None, make: Maker
     ) -> tuple[Session, bool]:
         key = session_key(conversation_id, external_id)
+        node = self._store.server_of(key)
+        # A failing server is asked, not bypassed: its failures are what the client hears.
+        if node is None or node.breaker.state != "closed":
+            return await self._store.get_or_create(conversation_id, external_id, make)
         entry = self._entries.get(key)
-        # A failing store is asked, not bypassed: its failures are what the client hears.
-        if entry is not None and self._store.breaker.state == "closed":
+        if entry is not None:
             now = self._clock()
-            if now < entry.expires:
+            if now < entry.expires and entry.server == node.name:
                 self._entries.move_to_end(key)
                 self.count("hit")
                 self._renew_if_due(key, entry, now)
                 return entry.session, False
             self._drop(key)
         self.count("miss")
-        if self._tracker.live and self._store.breaker.state == "closed":
-            entry = await self._read(key, conversation_id, external_id)
+        tracker = self._tracker_for(node)
+        if tracker.live:
+            entry = await self._read(tracker, node, key, conversation_id, external_id)
             if entry is not None:
                 self._renew_if_due(key, entry, self._clock())
                 return entry.session, False
         return await self._store.get_or_create(conversation_id, external_id, make)
-
-    def _renew_if_due(self, key: str, entry: _Entry, now: float) -> None:
-        # Last renewed in Redis more than renew_interval ago, going by its TTL: renew it.
-        if entry.expires - now < self._ttl - self._renew_interval and not entry.renewing:
-            self._renew(key, entry)
 
     async def repin(self, failed: Session, replacement: Session) -> Session:
         self._drop(failed.key)
@@ -127,10 +134,11 @@ class NearCache:
         return await self._store.delete(conversation_id, external_id)
 
     async def ping(self) -> bool:
-        # The lifespan's first call: tracking starts here, inside the running loop. Until it
-        # is up, every call reads through the store.
-        self._tracker.start()
-        return await self._store.ping()
+        served = await self._store.ping()
+        # The lifespan's first call: tracking starts here, inside the running loop.
+        for node in self._store.servers():
+            self._tracker_for(node)
+        return served
 
     def set_ttl(self, seconds: int) -> None:
         self._renew_interval = min(self._renew_setting, seconds / 2)
@@ -143,11 +151,44 @@ class NearCache:
         for task in list(self._renewals):
             task.cancel()
         await asyncio.gather(*self._renewals, return_exceptions=True)
-        await self._tracker.aclose()
+        trackers, self._trackers = list(self._trackers.values()), {}
+        for tracker in trackers:
+            await tracker.aclose()
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self._flush()
         await self._store.aclose()
 
-    async def _read(self, key: str, conversation_id: str, external_id: str | None) -> _Entry | None:
+    def _tracker_for(self, node: Node) -> Tracker:
+        tracker = self._trackers.get(node.name)
+        if tracker is None:
+            tracker = self._trackers[node.name] = Tracker(
+                node.connections.settings,
+                timeout=self._timeout,
+                heartbeat_key=lambda: node.probe_key,
+                on_invalidate=self._invalidate,
+                on_down=self._flush,
+            )
+            tracker.start()
+            self._forget_trackers_of_old_servers()
+        return tracker
+
+    def _forget_trackers_of_old_servers(self) -> None:
+        """Close the tracking connections of servers the store no longer uses (a slot map
+        or a primary changed); their entries go with them."""
+        current = {node.name for node in self._store.servers()}
+        for name in [name for name in self._trackers if name not in current]:
+            task = asyncio.get_running_loop().create_task(self._trackers.pop(name).aclose())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+
+    async def _read(
+        self,
+        tracker: Tracker,
+        node: Node,
+        key: str,
+        conversation_id: str,
+        external_id: str | None,
+    ) -> _Entry | None:
         """The stored session, read on the tracking connection and cached; None when there
         is none to serve (missing, unusable) or the read failed."""
         sent = self._clock()
@@ -160,31 +201,33 @@ class NearCache:
                 return
             session = decode_session(raw, conversation_id, external_id)
             if session is not None and self._accept(session):
-                self._put(key, session, sent + ttl_ms / 1000)
+                self._put(key, session, sent + ttl_ms / 1000, node.name)
 
         try:
             async with asyncio.timeout(self._timeout):
-                self._tracker.call("GET", key, apply=read.append)
-                await self._tracker.call("PTTL", key, apply=fill)
-        except TrackerDown:
+                tracker.call("GET", key, apply=read.append)
+                await tracker.call("PTTL", key, apply=fill)
+        except (TrackerDown, ReplyError):
             return None
         except TimeoutError as exc:
             # A silent Redis costs one budget, as a store call does; the connection goes
             # (and with it the cache), so the next calls read through the store.
-            self._tracker.drop()
-            self._store.breaker.failure()
+            tracker.drop()
+            node.breaker.failure()
             raise StoreUnavailable("the session store did not answer in time") from exc
         except OSError:
-            self._tracker.drop()
+            tracker.drop()
             return None
         return self._entries.get(key)
 
-    def _renew(self, key: str, entry: _Entry) -> None:
-        entry.renewing = True
-        self._due[key] = entry.session
-        if self._renewal is None:
-            loop = asyncio.get_running_loop()
-            self._renewal = loop.call_later(_RENEW_BATCH_DELAY, self._send_renewals)
+    def _renew_if_due(self, key: str, entry: _Entry, now: float) -> None:
+        # Last renewed in Redis more than renew_interval ago, going by its TTL: renew it.
+        if entry.expires - now < self._ttl - self._renew_interval and not entry.renewing:
+            entry.renewing = True
+            self._due[key] = entry
+            if self._renewal is None:
+                loop = asyncio.get_running_loop()
+                self._renewal = loop.call_later(_RENEW_BATCH_DELAY, self._send_renewals)
 
     def _send_renewals(self) -> None:
         self._renewal = None
@@ -193,44 +236,46 @@ class NearCache:
         self._renewals.add(task)
         task.add_done_callback(self._renewals.discard)
 
-    async def _renew_all(self, due: dict[str, Session]) -> None:
+    async def _renew_all(self, due: dict[str, _Entry]) -> None:
         sent = self._clock()
         replies: list[asyncio.Future[Any]] = []
         try:
-            for key, session in due.items():
-                replies.append(self._tracker.call("EXPIRE", key, self._ttl))
-                replies.append(
-                    self._tracker.call("GET", key, apply=self._refill(key, session, sent))
-                )
+            for key, entry in due.items():
+                tracker = self._trackers.get(entry.server)
+                if tracker is None or not tracker.live:
+                    continue
+                replies.append(tracker.call("EXPIRE", key, self._ttl))
+                replies.append(tracker.call("GET", key, apply=self._refill(key, entry, sent)))
             async with asyncio.timeout(self._timeout * 4):
-                await asyncio.gather(*replies)
-        except TrackerDown:
-            pass
-        except (TimeoutError, OSError):
-            self._tracker.drop()
+                await asyncio.gather(*replies, return_exceptions=True)
+        except TimeoutError:
+            for entry in due.values():
+                tracker = self._trackers.get(entry.server)
+                if tracker is not None:
+                    tracker.drop()
         finally:
             for key in due:
-                entry = self._entries.get(key)
-                if entry is not None:
-                    entry.renewing = False
+                current = self._entries.get(key)
+                if current is not None:
+                    current.renewing = False
 
-    def _refill(self, key: str, old: Session, sent: float) -> Callable[[Any], None]:
+    def _refill(self, key: str, old: _Entry, sent: float) -> Callable[[Any], None]:
         def refill(raw: Any) -> None:
             if raw is None:
                 self._drop(key)
                 return
-            session = decode_session(raw, old.id, old.external_id)
+            session = decode_session(raw, old.session.id, old.session.external_id)
             if session is None or not self._accept(session):
                 self._drop(key)
             else:
-                self._put(key, session, sent + self._ttl)
+                self._put(key, session, sent + self._ttl, old.server)
 
         return refill
 
-    def _put(self, key: str, session: Session, expires: float) -> None:
+    def _put(self, key: str, session: Session, expires: float, server: str) -> None:
         self._drop(key)
         size = _ENTRY_OVERHEAD + len(key) + len(session.provider) + len(session.model)
-        self._entries[key] = _Entry(session, expires, size)
+        self._entries[key] = _Entry(session, expires, size, server)
         self._bytes += size
         while len(self._entries) > self._max_entries or self._bytes > self._max_bytes:
             _, evicted = self._entries.popitem(last=False)

@@ -124,6 +124,11 @@ class _Connections:
         # answer (the connection, or the next reply).
         self._owed: dict[int, float] = {}
 
+    @property
+    def settings(self) -> tuple[type[AbstractConnection], dict[str, Any]]:
+        """How a connection to the server named now is made: its class and arguments."""
+        return self._connection_class, self._connection_kwargs
+
     def call(self, *args: Any) -> asyncio.Future[Any]:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
@@ -260,8 +265,9 @@ class _Connections:
         self._all.clear()
 
 
-class _Node:
-    """One Redis server the store talks to: its connections and its circuit breaker."""
+class Node:
+    """One Redis server the store talks to: its connections and its circuit breaker (and
+    its name, `host:port`, which the near-cache keys its tracking connections by)."""
 
     __slots__ = ("name", "connections", "breaker", "probe_key")
 
@@ -320,7 +326,7 @@ class RedisStore:
 
     def _make_node(
         self, connection_kwargs: dict[str, Any], breaker: CircuitBreaker, probe_key: str
-    ) -> _Node:
+    ) -> Node:
         connections = _Connections(
             self._connection_class,
             connection_kwargs,
@@ -328,7 +334,7 @@ class RedisStore:
             cap=self._timeout * _BUSY_BUDGETS,
         )
         name = f"{connection_kwargs.get('host')}:{connection_kwargs.get('port')}"
-        return _Node(name, connections, breaker, probe_key)
+        return Node(name, connections, breaker, probe_key)
 
     def set_ttl(self, seconds: int) -> None:
         self._ttl = seconds
@@ -368,20 +374,28 @@ class RedisStore:
     async def aclose(self) -> None:
         await self._node.connections.aclose()
 
+    def server_of(self, key: str) -> Node | None:
+        """The server that holds `key` now, or None while it is not known."""
+        return self._route(key)
+
+    def servers(self) -> list[Node]:
+        """The servers the store uses now (without looking them up again)."""
+        return [self._node]
+
     # -- where a key goes: one server here; overridden for Sentinel and Redis Cluster -----
-    def _route(self, key: str) -> _Node | None:
+    def _route(self, key: str) -> Node | None:
         """The server of `key`, or None when it is not known yet (see `_locate`)."""
         return self._node
 
-    async def _locate(self, key: str) -> _Node | None:
+    async def _locate(self, key: str) -> Node | None:
         """The server of `key` once the servers have been looked up, within one budget."""
         return self._node
 
-    def _suspect(self, node: _Node) -> None:
+    def _suspect(self, node: Node) -> None:
         """`node` failed or its breaker is open: time to look whether another server took
         over its keys (a failover)."""
 
-    def _redirect(self, error: AskError) -> _Node | None:
+    def _redirect(self, error: AskError) -> Node | None:
         """Where a MOVED or ASK reply sends the command, if anywhere."""
         if not self._redirected:
             self._redirected = True
@@ -392,12 +406,12 @@ class RedisStore:
             )
         return None
 
-    async def _nodes(self) -> list[_Node]:
+    async def _nodes(self) -> list[Node]:
         """Every server the store uses now (for the readiness probe)."""
         return [self._node]
 
     # -- the commands -----------------------------------------------------------------------
-    async def _command(self, node: _Node, *args: Any) -> Any:
+    async def _command(self, node: Node, *args: Any) -> Any:
         """`args` on `node`, following MOVED and ASK replies to another server."""
         try:
             return await node.connections.call(*args)
@@ -416,7 +430,7 @@ class RedisStore:
         raise error
 
     async def _get_or_create(
-        self, node: _Node, key: str, conversation_id: str, external_id: str | None, make: Maker
+        self, node: Node, key: str, conversation_id: str, external_id: str | None, make: Maker
     ) -> tuple[Session, bool]:
         call = self._command
         raw = await call(node, "GETEX", key, "EX", self._ttl)
@@ -442,7 +456,7 @@ class RedisStore:
             raw = stored
         raise StoreUnavailable("the session store keeps returning unusable values")
 
-    async def _repin(self, node: _Node, failed: Session, replacement: Session) -> Session:
+    async def _repin(self, node: Node, failed: Session, replacement: Session) -> Session:
         value = replacement.to_json()
         stored = await self._command(
             node, "EVAL", _REPIN, 1, failed.key, failed.provider, failed.model, value, self._ttl
@@ -452,7 +466,7 @@ class RedisStore:
         found = decode_session(stored, failed.id, failed.external_id)
         return found if found is not None and self._accept(found) else replacement
 
-    async def _probe(self, node: _Node) -> bool:
+    async def _probe(self, node: Node) -> bool:
         try:
             async with asyncio.timeout(self._timeout):
                 await self._command(node, "GETEX", node.probe_key, "EX", self._ttl)
@@ -513,14 +527,14 @@ class _Lookup:
     Failures ask for one at most once per `interval`, in the background."""
 
     def __init__(
-        self, look: Callable[[_Node | None], Coroutine[Any, Any, bool]], *, interval: float
+        self, look: Callable[[Node | None], Coroutine[Any, Any, bool]], *, interval: float
     ) -> None:
         self._look = look
         self._interval = interval
         self._task: asyncio.Task[bool] | None = None
         self._ended_at: float | None = None
 
-    def soon(self, failed: _Node | None) -> None:
+    def soon(self, failed: Node | None) -> None:
         """Look again, unless a lookup is under way or ended less than `interval` ago."""
         if self._task is None:
             now = asyncio.get_running_loop().time()
@@ -540,7 +554,7 @@ class _Lookup:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
 
-    def _start(self, failed: _Node | None) -> asyncio.Task[bool]:
+    def _start(self, failed: Node | None) -> asyncio.Task[bool]:
         task = asyncio.get_running_loop().create_task(self._look(failed))
         self._task = task
         task.add_done_callback(self._ended)

@@ -12,7 +12,7 @@ from redis.retry import Retry
 
 from sentinel_proxy.sessions.base import Acceptor
 from sentinel_proxy.sessions.breaker import CircuitBreaker
-from sentinel_proxy.sessions.redis import RedisStore, _Lookup, _Node
+from sentinel_proxy.sessions.redis import Node, RedisStore, _Lookup
 
 logger = logging.getLogger("sentinel_proxy.sessions")
 
@@ -72,14 +72,14 @@ class RedisSentinelStore(RedisStore):
         await super().aclose()
         await self._sentinel.aclose()
 
-    def _route(self, key: str) -> _Node | None:
+    def _route(self, key: str) -> Node | None:
         return self._node if self._primary is not None else None
 
-    async def _locate(self, key: str) -> _Node | None:
+    async def _locate(self, key: str) -> Node | None:
         await self._lookup.now(self._timeout)
         return self._route(key)
 
-    async def _nodes(self) -> list[_Node]:
+    async def _nodes(self) -> list[Node]:
         # The readiness probe asks the sentinels each time: a failover forced by an operator
         # leaves the old primary taking writes until the sentinels demote it, up to 10 s
         # later, and nothing fails meanwhile to make the store look.
@@ -90,10 +90,10 @@ class RedisSentinelStore(RedisStore):
                 raise
         return [self._node]
 
-    def _suspect(self, node: _Node) -> None:
+    def _suspect(self, node: Node) -> None:
         self._lookup.soon(node)
 
-    async def _discover(self, failed: _Node | None) -> bool:
+    async def _discover(self, failed: Node | None) -> bool:
         try:
             host, port = await self._sentinel.discover_master(self._service)
         except (RedisError, OSError) as exc:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 import hiredis
-from redis.connection import parse_url
+from redis.asyncio.connection import AbstractConnection, SSLConnection, UnixDomainSocketConnection
 
 logger = logging.getLogger("sentinel_proxy.sessions")
 
@@ -27,14 +27,19 @@ Apply = Callable[[Any], None]
 # First and longest wait before connecting again.
 _RECONNECT_DELAYS = (0.05, 2.0)
 # How often the connection proves it still reaches a primary. A demoted primary keeps
-# answering reads, and sends no invalidation for what the new primary changes.
+# answering reads, and sends no invalidation for what the new primary changes. The beat is
+# an EXPIRE of a key that never exists (the store's readiness probe key): a write, which a
+# replica refuses, that changes nothing.
 HEARTBEAT_SECONDS = 1.0
-# A write no key ever sees (the key never exists): refused with READONLY by a replica.
-_HEARTBEAT = ("EXPIRE", "sentinel:session:\x00heartbeat", 1)
 
 
 class TrackerDown(OSError):
     """The tracking connection is not there (yet, or any more)."""
+
+
+class ReplyError(Exception):
+    """Redis answered a command with an error (a cluster's MOVED, say): the connection
+    itself is sound."""
 
 
 class Tracker:
@@ -44,13 +49,15 @@ class Tracker:
 
     def __init__(
         self,
-        url: str,
+        settings: tuple[type[AbstractConnection], dict[str, Any]],
         *,
         timeout: float,
+        heartbeat_key: Callable[[], str],
         on_invalidate: Callable[[list[bytes] | None], None],
         on_down: Callable[[], None],
     ) -> None:
-        self._settings = parse_url(url)  # type: ignore[no-untyped-call]
+        self._connection_class, self._settings = settings
+        self._heartbeat_key = heartbeat_key
         self._timeout = timeout
         self._on_invalidate = on_invalidate
         self._on_down = on_down
@@ -116,13 +123,13 @@ class Tracker:
     async def _connect(self) -> asyncio.StreamReader:
         settings = self._settings
         async with asyncio.timeout(self._timeout * 4):
-            if "path" in settings:
+            if issubclass(self._connection_class, UnixDomainSocketConnection):
                 reader, writer = await asyncio.open_unix_connection(settings["path"])
             else:
                 reader, writer = await asyncio.open_connection(
                     settings.get("host", "localhost"),
                     settings.get("port", 6379),
-                    ssl=_ssl_context(settings),
+                    ssl=_ssl_context(self._connection_class, settings),
                 )
             self._writer = writer
             hello: list[Any] = ["HELLO", 3]
@@ -132,7 +139,7 @@ class Tracker:
             if settings.get("db"):
                 commands.append(["SELECT", settings["db"]])
             commands.append(["CLIENT", "TRACKING", "ON"])
-            commands.append(list(_HEARTBEAT))
+            commands.append(["EXPIRE", self._heartbeat_key(), 1])
             parser = hiredis.Reader()
             for command in commands:
                 writer.write(hiredis.pack_command(tuple(command)))
@@ -149,8 +156,11 @@ class Tracker:
     async def _beat(self) -> None:
         while True:
             await asyncio.sleep(HEARTBEAT_SECONDS)
-            async with asyncio.timeout(self._timeout * 4):
-                await self.call(*_HEARTBEAT)
+            try:
+                async with asyncio.timeout(self._timeout * 4):
+                    await self.call("EXPIRE", self._heartbeat_key(), 1)
+            except ReplyError as exc:
+                raise OSError(f"the heartbeat was refused: {exc}") from exc
 
     async def _read(self, reader: asyncio.StreamReader) -> None:
         parser = self._parser
@@ -168,7 +178,7 @@ class Tracker:
                 future, apply = pending.popleft()
                 if isinstance(item, hiredis.ReplyError):
                     if not future.done():
-                        future.set_exception(OSError(str(item)))
+                        future.set_exception(ReplyError(str(item)))
                     continue
                 if apply is not None:
                     apply(item)
@@ -199,9 +209,10 @@ async def _read_one(reader: asyncio.StreamReader, parser: hiredis.Reader) -> Any
     return item
 
 
-def _ssl_context(settings: dict[str, Any]) -> ssl.SSLContext | None:
-    connection_class = settings.get("connection_class")
-    if connection_class is None or "SSL" not in connection_class.__name__:
+def _ssl_context(
+    connection_class: type[AbstractConnection], settings: dict[str, Any]
+) -> ssl.SSLContext | None:
+    if not issubclass(connection_class, SSLConnection):
         return None
     context = ssl.create_default_context()
     if str(settings.get("ssl_cert_reqs", "required")).lower() == "none":

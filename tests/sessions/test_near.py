@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
-from sentinel_proxy.sessions import CircuitBreaker, RedisStore, Session
+from sentinel_proxy.sessions import CircuitBreaker, RedisClusterStore, RedisStore, Session
 from sentinel_proxy.sessions.near import NearCache
 from tests.support.fault_relay import FaultRelay
+from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_server import RedisServer
 
 TTL = 100
@@ -29,7 +30,6 @@ def near(url: str, **options: float) -> NearCache:
     settings.update(options)
     return NearCache(
         store,
-        url,
         ttl_seconds=TTL,
         renew_interval=settings["renew_interval"],
         max_entries=int(settings["max_entries"]),
@@ -71,8 +71,8 @@ async def lookup(cache: NearCache, cid: str, provider: str = "a") -> tuple[Sessi
     return await cache.get_or_create(cid, None, lambda: pin(cid, provider))
 
 
-def commands(redis_server: RedisServer, name: str) -> int:
-    with redis_server.client() as client:
+def commands(server: RedisServer, name: str) -> int:
+    with server.client() as client:
         stats = client.info("commandstats")
     return int(stats.get(f"cmdstat_{name}", {}).get("calls", 0))
 
@@ -123,16 +123,7 @@ async def test_a_delete_on_one_replica_is_seen_by_all(
 async def test_a_lost_tracking_connection_flushes_the_cache_and_reads_go_through(
     redis_server: RedisServer, redis_relay: FaultRelay, redis_url: str
 ) -> None:
-    # The tracking connection goes through the relay; the store's own commands do not.
-    store_url = redis_url
-    cache = near(store_url)
-    cache._tracker = type(cache._tracker)(  # noqa: SLF001 - point tracking at the relay
-        redis_relay.url("redis", "/0"),
-        timeout=0.5,
-        on_invalidate=cache._invalidate,  # noqa: SLF001
-        on_down=cache._flush,  # noqa: SLF001
-    )
-    await tracking(cache)
+    cache = await tracking(near(redis_relay.url("redis", "/0")))
     try:
         await lookup(cache, "c4")
         await lookup(cache, "c4")
@@ -159,7 +150,7 @@ async def test_an_entry_is_never_served_past_its_expiry_in_redis(
 ) -> None:
     cache, _ = replicas
     # A renewal that never reaches Redis: only the entry's own expiry stands in the way.
-    monkeypatch.setattr(cache, "_renew", lambda key, entry: None)
+    monkeypatch.setattr(cache, "_renew_if_due", lambda key, entry, now: None)
     await lookup(cache, "c5")
     with redis_server.client() as client:
         client.pexpire("sentinel:session:c5", 300)
@@ -218,3 +209,60 @@ async def test_fifty_concurrent_first_requests_agree_through_the_cache(
     )
     assert len({session for session, _ in results}) == 1
     assert sum(created for _, created in results) == 1
+
+
+def near_cluster(url: str) -> NearCache:
+    store = RedisClusterStore(
+        url,
+        ttl_seconds=TTL,
+        timeout=0.5,
+        max_connections=8,
+        breakers=lambda: CircuitBreaker(failures=3, reset_seconds=0.3),
+    )
+    return NearCache(
+        store,
+        ttl_seconds=TTL,
+        renew_interval=60,
+        max_entries=1000,
+        max_bytes=1 << 20,
+        timeout=0.5,
+        accept=lambda session: True,
+    )
+
+
+def cluster_ids(cluster: RedisCluster, per_master: int) -> list[str]:
+    found: dict[int, list[str]] = {master.port: [] for master in cluster.masters()}
+    number = 0
+    while any(len(ids) < per_master for ids in found.values()):
+        cid = f"near-{number}"
+        ids = found[cluster.owner(f"sentinel:session:{cid}").port]
+        if len(ids) < per_master:
+            ids.append(cid)
+        number += 1
+    return [cid for ids in found.values() for cid in ids]
+
+
+async def test_on_a_cluster_each_master_tracks_its_own_keys(cluster: RedisCluster) -> None:
+    first, second = near_cluster(cluster.url), near_cluster(cluster.url)
+    try:
+        await tracking(first)
+        await tracking(second)
+        ids = cluster_ids(cluster, 3)
+        for cid in ids:
+            await lookup(first, cid)
+            await lookup(first, cid)
+        assert len(first) == len(ids)
+        reads = {m.port: commands(m, "get") + commands(m, "getex") for m in cluster.masters()}
+        for cid in ids * 10:
+            assert (await lookup(first, cid))[0].provider == "a"
+        after = {m.port: commands(m, "get") + commands(m, "getex") for m in cluster.masters()}
+        assert after == reads, "a hit asked a master"
+        # A re-pin through the other replica, on every master, reaches the first at once.
+        for cid in ids:
+            found, _ = await lookup(second, cid)
+            await second.repin(found, pin(cid, "b"))
+        assert await eventually(lambda: len(first) == 0, 2)
+        assert {(await lookup(first, cid))[0].provider for cid in ids} == {"b"}
+    finally:
+        await first.aclose()
+        await second.aclose()
