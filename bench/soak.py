@@ -90,8 +90,11 @@ SAMPLE_FIELDS = (
     "t_s", "phase", "rss_mb", "fds", "fds_not_socket", "client_conns", "upstream_conns",
     "upstream_alpha", "upstream_beta", "redis_conns", "close_wait", "other_sockets",
     "redis_clients", "open_streams", "threads", "proxy_cpu_pct", "requests", "rps",
-    "errors", "loadavg_1m",
+    "errors", "loadavg_1m", "io_stall_ms", "steal_ms", "client_lag_ms",
 )  # fmt: skip
+# A sample with this much IO stall, CPU steal or client event-loop lag (ms) is listed as a
+# stall of the machine: the shared machine's doing, not the proxy's.
+STALL_MS = 500
 
 
 # --------------------------------------------------------------------------------------------
@@ -174,6 +177,20 @@ def cpu_ticks(pid: int) -> int:
         fields = text[text.rindex(")") + 2 :].split()
         return int(fields[11]) + int(fields[12])
     return 0
+
+
+def machine_stalls() -> tuple[float | None, float]:
+    """Milliseconds so far of (all tasks stalled on IO, CPU time stolen by the hypervisor)."""
+    io: float | None = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/pressure/io").read_text().splitlines():
+            if line.startswith("full"):
+                io = int(line.rsplit("total=", 1)[1]) / 1000.0
+    steal = 0.0
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
+        steal = int(fields[8]) * 1000.0 / os.sysconf("SC_CLK_TCK")
+    return io, steal
 
 
 def metric(port: int, name: str) -> float | None:
@@ -473,6 +490,16 @@ class Load:
         self.tally = Tally()
         self.stopping = False
         self.redis: Any = None
+        self.max_lag = 0.0  # the clients' event loop, longest lateness since last read
+
+    async def watch_lag(self) -> None:
+        """How late this process's own loop wakes up: a stall of the machine shows here too,
+        a stall of the proxy alone does not."""
+        loop = asyncio.get_running_loop()
+        while True:
+            due = loop.time() + 0.1
+            await asyncio.sleep(0.1)
+            self.max_lag = max(self.max_lag, loop.time() - due)
 
     # Plans ------------------------------------------------------------------------------
 
@@ -799,6 +826,7 @@ class Sampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._last = (time.monotonic(), cpu_ticks(pid), 0)
+        self._stalls = machine_stalls()
         self._requests_before = 0  # of earlier phases' tallies
 
     def start(self) -> None:
@@ -824,6 +852,9 @@ class Sampler:
             last_t, last_ticks, last_requests = self._last
             elapsed = max(now - last_t, 1e-3)
             self._last = (now, ticks, requests)
+            (io, steal), (last_io, last_steal) = machine_stalls(), self._stalls
+            self._stalls = (io, steal)
+            lag, self.load.max_lag = self.load.max_lag, 0.0
             row: dict[str, Any] = {
                 "t_s": round(now - self.t0, 1),
                 "phase": phase or self.phase,
@@ -839,6 +870,9 @@ class Sampler:
                 "rps": round((requests - last_requests) / elapsed, 1),
                 "errors": self.load.tally.errors,
                 "loadavg_1m": float(Path("/proc/loadavg").read_text().split()[0]),
+                "io_stall_ms": None if io is None or last_io is None else round(io - last_io),
+                "steal_ms": round(steal - last_steal),
+                "client_lag_ms": round(lag * 1000.0),
             }
             self.rows.append(row)
             self._csv.writerow(row)
@@ -963,6 +997,7 @@ async def soak(env: Env, results: dict[str, Any]) -> None:
     sampler = Sampler(
         proxy.pid, ports, load, args.sample_interval, args.out / "soak-samples.csv", t0
     )
+    lag_task = asyncio.create_task(load.watch_lag())
     results["start"] = sampler.sample("start")
     sampler.start()
     try:
@@ -1000,17 +1035,29 @@ async def soak(env: Env, results: dict[str, Any]) -> None:
         results["final"] = final
         results["final_settle_s"] = round(waited, 1)
         results["soak"] = summarize_tally(load.tally)
-        results["outage"] = outage_report(load.tally, timeline, t0, began)
+        results["stalls"] = stalls(sampler.rows)
+        results["outage"] = outage_report(load.tally, timeline, t0, began, results["stalls"])
         results["audit"] = await audit(load, timeline)
         results["repins"] = repin_report(load)
         results["peaks"] = peaks(sampler.rows, began - t0)
-        results["trend"] = rss_trend(sampler.rows, began - t0, args.warmup)
+        results["trend"] = rss_trend(sampler.rows, began - t0, args.duration)
     finally:
+        lag_task.cancel()
         sampler.stop()
         await load.close()
         results["samples"] = sampler.rows
         results["proxy_alive"] = proxy.alive()
         results["proxy_log"] = log_summary(proxy.log_path)
+
+
+def stalls(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sample intervals in which the machine stalled (see STALL_MS)."""
+    found = []
+    for previous, row in zip(rows, rows[1:], strict=False):
+        if max(row["io_stall_ms"] or 0, row["steal_ms"], row["client_lag_ms"]) >= STALL_MS:
+            keys = ("t_s", "phase", "io_stall_ms", "steal_ms", "client_lag_ms", "rps")
+            found.append({"from_t_s": previous["t_s"], **{k: row[k] for k in keys}})
+    return found
 
 
 def summarize_tally(tally: Tally) -> dict[str, Any]:
@@ -1032,7 +1079,9 @@ def summarize_tally(tally: Tally) -> dict[str, Any]:
     }
 
 
-def outage_report(tally: Tally, timeline: Timeline, t0: float, began: float) -> dict[str, Any]:
+def outage_report(
+    tally: Tally, timeline: Timeline, t0: float, began: float, stalls: list[dict[str, Any]]
+) -> dict[str, Any]:
     """503s around the restart and how long until conversations were served again."""
     if timeline.stop_at is None or timeline.up_at is None or timeline.down_at is None:
         return {}
@@ -1060,6 +1109,10 @@ def outage_report(tally: Tally, timeline: Timeline, t0: float, began: float) -> 
     # A 503 that ended before the stop, or was asked for well after Redis was back (past the
     # breaker's reset), has nothing to do with the restart.
     unexpected = [r for r in store_503 if r[1] < stop or r[0] > up + LATE_503_SECONDS]
+    # Of those, the ones in flight while the machine stalled (the proxy may wait ten store
+    # budgets, then answers 503: README, "When Redis is down") are counted apart.
+    windows = [(t0 + s["from_t_s"], t0 + s["t_s"]) for s in stalls]
+    in_stall = [r for r in unexpected if any(r[0] <= end and r[1] >= a for a, end in windows)]
     return {
         "stop_t_s": round(stop - t0, 2),
         "stop_into_soak_s": round(stop - began, 1),
@@ -1072,7 +1125,8 @@ def outage_report(tally: Tally, timeline: Timeline, t0: float, began: float) -> 
         else round(first_ok_after_up - up, 3),
         "last_503_after_up_s": None if last_503 is None else round(last_503 - up, 3),
         "total_503": len(store_503),
-        "unexpected_503": len(unexpected),
+        "unexpected_503": len(unexpected) - len(in_stall),
+        "unexpected_503_in_machine_stalls": len(in_stall),
         "statuses_during": dict(collections.Counter(f"{r[2]} {r[3]}" for r in during)),
         # What ended after Redis was back but before the first success: a request the
         # store answered that still did not close the breaker shows up here.
@@ -1137,13 +1191,12 @@ def peaks(rows: list[dict[str, Any]], since: float) -> dict[str, Any]:
     return out
 
 
-def rss_trend(rows: list[dict[str, Any]], since: float, skip: float) -> dict[str, Any]:
-    """Least-squares slope of RSS under load (MB per minute), from `skip` s into the run:
-    whether memory kept growing while the load was steady."""
+def rss_trend(rows: list[dict[str, Any]], since: float, duration: float) -> dict[str, Any]:
+    """Least-squares slope of RSS under load (MB per minute), from a minute (or a quarter of
+    the run, if shorter) into the soak: whether memory kept growing while the load did not."""
+    skip = min(60.0, duration / 4)
     points = [
-        (r["t_s"], r["rss_mb"])
-        for r in rows
-        if r["t_s"] >= since + min(skip, 60.0) and r["phase"] == "soak"
+        (r["t_s"], r["rss_mb"]) for r in rows if r["t_s"] >= since + skip and r["phase"] == "soak"
     ]
     if len(points) < 3:
         return {}
@@ -1264,10 +1317,14 @@ def verdict(results: dict[str, Any], args: argparse.Namespace) -> list[tuple[str
         )
     unexplained.update({"http_503 outside the outage": results["outage"].get("unexpected_503", 0)})
     unexplained = +unexplained
+    in_stalls = results["outage"].get("unexpected_503_in_machine_stalls", 0)
     checks.append(
         (
             "no broken answers, transport errors or error statuses (but the outage's)",
-            ", ".join(f"{k} {v}" for k, v in unexplained.items()) or "none",
+            (", ".join(f"{k} {v}" for k, v in unexplained.items()) or "none")
+            + (
+                f"; 503s in flight during a machine stall (apart): {in_stalls}" if in_stalls else ""
+            ),
             not unexplained,
         )
     )
@@ -1344,6 +1401,21 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f"{trend['from_t_s']} s; median {trend['first_half_median_mb']} MB in the first "
             f"half, {trend['second_half_median_mb']} MB in the second.",
         ]
+    stalls = results.get("stalls") or []
+    lines += [
+        "",
+        f"Machine stalls (a sample with {STALL_MS} ms or more of IO stall, CPU steal or lag of "
+        "the clients' own event loop): "
+        + (
+            "; ".join(
+                f"at {s['t_s']} s: IO {s['io_stall_ms']} ms, steal {s['steal_ms']} ms, "
+                f"client lag {s['client_lag_ms']} ms"
+                for s in stalls
+            )
+            or "none"
+        )
+        + ".",
+    ]
     outcomes = soak["outcomes"]
     lines += [
         "",
@@ -1364,7 +1436,9 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
             f" first failure {outage['first_failure_after_stop_s']}"
             f" s after the stop; {outage['total_503']} 503s; first success "
             f"{outage['first_ok_after_up_s']} s and last 503 {outage['last_503_after_up_s']} s "
-            "after Redis was back. Answers between Redis back and the first success: "
+            f"after Redis was back; 503s away from the outage: {outage['unexpected_503']}, and "
+            f"{outage['unexpected_503_in_machine_stalls']} more in flight during a machine stall"
+            ". Answers between Redis back and the first success: "
             + (
                 ", ".join(f"{k}: {v}" for k, v in outage["between_up_and_first_ok"].items())
                 or "none"
