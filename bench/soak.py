@@ -24,6 +24,7 @@ import asyncio
 import collections
 import contextlib
 import csv
+import ctypes
 import datetime as dt
 import importlib.util
 import json
@@ -79,6 +80,7 @@ STREAM_EVENTS = (5, 30)
 # A request planned to be aborted before its answer waits at least this long upstream.
 ABORT_MIN_DELAY = 0.02
 _RESET = struct.pack("ii", 1, 0)
+_SYS_PIDFD_GETFD = 438  # the same number on every architecture
 
 # Seconds after Redis is back from which a 503 is no longer the outage's (the circuit
 # breaker's default reset is 5 s).
@@ -88,7 +90,8 @@ LATE_503_SECONDS = 10.0
 ESTABLISHED, CLOSE_WAIT, LISTEN = "01", "08", "0A"
 SAMPLE_FIELDS = (
     "t_s", "phase", "rss_mb", "fds", "fds_not_socket", "client_conns", "upstream_conns",
-    "upstream_alpha", "upstream_beta", "redis_conns", "close_wait", "other_sockets",
+    "upstream_alpha", "upstream_beta", "redis_conns", "close_wait", "unix_sockets",
+    "unlisted_sockets", "other_sockets",
     "redis_clients", "open_streams", "threads", "proxy_cpu_pct", "requests", "rps",
     "errors", "loadavg_1m", "io_stall_ms", "steal_ms", "client_lag_ms",
 )  # fmt: skip
@@ -122,11 +125,37 @@ class Ports:
     upstreams: dict[str, int]
 
 
+def unix_inodes() -> set[int]:
+    inodes: set[int] = set()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+            with contextlib.suppress(IndexError, ValueError):
+                inodes.add(int(line.split()[6]))
+    return inodes
+
+
+def socket_fds(pid: int) -> list[tuple[int, int]]:
+    """(fd, inode) of each socket the process holds."""
+    found = []
+    fd_dir = Path(f"/proc/{pid}/fd")
+    with contextlib.suppress(OSError):
+        for fd in fd_dir.iterdir():
+            with contextlib.suppress(OSError, ValueError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    found.append((int(fd.name), int(target[8:-1])))
+    return found
+
+
 def proxy_sockets(pid: int, ports: Ports) -> dict[str, int]:
     """The proxy's open fds, its TCP sockets by peer (clients, each upstream, Redis) and how
-    many are half closed by their peer (CLOSE_WAIT: we have not closed them yet)."""
+    many are half closed by their peer (CLOSE_WAIT: we have not closed them yet).
+
+    `unlisted_sockets` are sockets in neither the TCP nor the Unix table: a TCP socket not
+    connected yet, or one whose connection is over (a reset) that the process still holds."""
     counts = collections.Counter[str]()
     table = tcp_table()
+    unix = unix_inodes()
     by_port = {port: name for name, port in ports.upstreams.items()}
     fd_dir = Path(f"/proc/{pid}/fd")
     try:
@@ -142,9 +171,10 @@ def proxy_sockets(pid: int, ports: Ports) -> dict[str, int]:
         if not target.startswith("socket:["):
             counts["fds_not_socket"] += 1
             continue
-        entry = table.get(int(target[8:-1]))
+        inode = int(target[8:-1])
+        entry = table.get(inode)
         if entry is None:
-            counts["other_sockets"] += 1  # a Unix socket, or a TCP one not yet connected
+            counts["unix_sockets" if inode in unix else "unlisted_sockets"] += 1
             continue
         local, remote, state = entry
         if state == CLOSE_WAIT:
@@ -161,6 +191,40 @@ def proxy_sockets(pid: int, ports: Ports) -> dict[str, int]:
         else:
             counts["other_sockets"] += 1
     return dict(counts)
+
+
+def describe_unlisted(pid: int) -> list[str]:
+    """What each unlisted socket of the process is: borrowed with pidfd_getfd (Linux 5.6;
+    the harness is the proxy's parent, so it may), asked for its addresses and pending error,
+    and given back (closed here; the proxy's own fd is untouched)."""
+    table, unix = tcp_table(), unix_inodes()
+    out = []
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pidfd = os.pidfd_open(pid)
+    except (OSError, AttributeError) as exc:
+        return [f"cannot look: {exc}"]
+    try:
+        for fd, inode in socket_fds(pid):
+            if inode in table or inode in unix:
+                continue
+            copy = libc.syscall(_SYS_PIDFD_GETFD, pidfd, fd, 0)
+            if copy < 0:
+                out.append(f"fd {fd}: pidfd_getfd failed, errno {ctypes.get_errno()}")
+                continue
+            with socket.socket(fileno=copy) as sock:
+                try:
+                    peer = str(sock.getpeername())
+                except OSError as exc:
+                    peer = f"none ({exc.strerror})"
+                error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                out.append(
+                    f"fd {fd}: {sock.family.name} {sock.type.name}, local {sock.getsockname()}, "
+                    f"peer {peer}, SO_ERROR {os.strerror(error) if error else 0}"
+                )
+    finally:
+        os.close(pidfd)
+    return out
 
 
 def status_field(pid: int, name: str) -> int:
@@ -859,7 +923,7 @@ class Sampler:
                 "t_s": round(now - self.t0, 1),
                 "phase": phase or self.phase,
                 "rss_mb": round(run.rss_mb(self.pid), 2),
-                **{k: sockets.get(k, 0) for k in SAMPLE_FIELDS[3:12]},
+                **{k: sockets.get(k, 0) for k in SAMPLE_FIELDS[3:14]},
                 "redis_clients": proxy_redis_clients(self.redis),
                 "open_streams": metric(self.ports.proxy, "sentinel_open_streams"),
                 "threads": status_field(self.pid, "Threads"),
@@ -1034,6 +1098,7 @@ async def soak(env: Env, results: dict[str, Any]) -> None:
         final, waited = await settle(sampler, args.settle, "settle")
         results["final"] = final
         results["final_settle_s"] = round(waited, 1)
+        results["unlisted_at_end"] = describe_unlisted(proxy.pid)
         results["soak"] = summarize_tally(load.tally)
         results["stalls"] = stalls(sampler.rows)
         results["outage"] = outage_report(load.tally, timeline, t0, began, results["stalls"])
@@ -1388,11 +1453,17 @@ def report(results: dict[str, Any], args: argparse.Namespace) -> str:
         ("client_conns", "client connections"),
         ("redis_conns", "Redis connections (proxy side)"),
         ("close_wait", "sockets in CLOSE_WAIT"),
+        ("unlisted_sockets", "sockets in no table (closed by a reset, or unconnected)"),
         ("open_streams", "open streams (metric)"),
     ):
         lines.append(
             f"| {label} | {start.get(key)} | {base.get(key)} | {peak.get(key)} | {final.get(key)} |"
         )
+    unlisted = results.get("unlisted_at_end") or []
+    lines += [
+        "",
+        "Sockets in no table at the end: " + ("; ".join(unlisted) or "none") + ".",
+    ]
     trend = results["trend"]
     if trend:
         lines += [
