@@ -88,6 +88,8 @@ LATE_503_SECONDS = 10.0
 
 # TCP states in /proc/net/tcp.
 ESTABLISHED, CLOSE_WAIT, LISTEN = "01", "08", "0A"
+_STATES = {"01": "ESTABLISHED", "02": "SYN_SENT", "04": "FIN_WAIT1", "05": "FIN_WAIT2",
+           "07": "CLOSE", "08": "CLOSE_WAIT", "09": "LAST_ACK", "0B": "CLOSING"}  # fmt: skip
 SAMPLE_FIELDS = (
     "t_s", "phase", "rss_mb", "fds", "fds_not_socket", "client_conns", "upstream_conns",
     "upstream_alpha", "upstream_beta", "redis_conns", "close_wait", "unix_sockets",
@@ -147,12 +149,14 @@ def socket_fds(pid: int) -> list[tuple[int, int]]:
     return found
 
 
-def proxy_sockets(pid: int, ports: Ports) -> dict[str, int]:
+def proxy_sockets(pid: int, ports: Ports, seen: dict[int, str] | None = None) -> dict[str, int]:
     """The proxy's open fds, its TCP sockets by peer (clients, each upstream, Redis) and how
     many are half closed by their peer (CLOSE_WAIT: we have not closed them yet).
 
     `unlisted_sockets` are sockets in neither the TCP nor the Unix table: a TCP socket not
-    connected yet, or one whose connection is over (a reset) that the process still holds."""
+    connected yet, or one whose connection is over (a reset) that the process still holds.
+    `seen`, if given, gets each TCP socket's local port -> "peer state" (to tell later what a
+    socket in no table had been)."""
     counts = collections.Counter[str]()
     table = tcp_table()
     unix = unix_inodes()
@@ -177,6 +181,11 @@ def proxy_sockets(pid: int, ports: Ports) -> dict[str, int]:
             counts["unix_sockets" if inode in unix else "unlisted_sockets"] += 1
             continue
         local, remote, state = entry
+        if seen is not None and state != LISTEN:
+            peer = by_port.get(remote) or ("redis" if remote == ports.redis else str(remote))
+            seen[local] = (
+                f"{'client' if local == ports.proxy else peer} {_STATES.get(state, state)}"
+            )
         if state == CLOSE_WAIT:
             counts["close_wait"] += 1
         if state == LISTEN:
@@ -193,7 +202,7 @@ def proxy_sockets(pid: int, ports: Ports) -> dict[str, int]:
     return dict(counts)
 
 
-def describe_unlisted(pid: int) -> list[str]:
+def describe_unlisted(pid: int, history: dict[int, list[tuple[float, str]]]) -> list[str]:
     """What each unlisted socket of the process is: borrowed with pidfd_getfd (Linux 5.6;
     the harness is the proxy's parent, so it may), asked for its addresses and pending error,
     and given back (closed here; the proxy's own fd is untouched)."""
@@ -218,9 +227,12 @@ def describe_unlisted(pid: int) -> list[str]:
                 except OSError as exc:
                     peer = f"none ({exc.strerror})"
                 error = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                local = sock.getsockname()
+                past = history.get(local[1] if isinstance(local, tuple) else -1, [])
                 out.append(
-                    f"fd {fd}: {sock.family.name} {sock.type.name}, local {sock.getsockname()}, "
-                    f"peer {peer}, SO_ERROR {os.strerror(error) if error else 0}"
+                    f"fd {fd}: {sock.family.name} {sock.type.name}, local {local}, "
+                    f"peer {peer}, SO_ERROR {os.strerror(error) if error else 0}; as sampled: "
+                    + (", ".join(f"{what} at {t} s" for t, what in past[-4:]) or "never seen")
                 )
     finally:
         os.close(pidfd)
@@ -891,6 +903,8 @@ class Sampler:
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._last = (time.monotonic(), cpu_ticks(pid), 0)
         self._stalls = machine_stalls()
+        # Local port -> [(t_s, "peer state")], each change of what the proxy's socket was.
+        self.history: dict[int, list[tuple[float, str]]] = {}
         self._requests_before = 0  # of earlier phases' tallies
 
     def start(self) -> None:
@@ -910,7 +924,12 @@ class Sampler:
     def sample(self, phase: str | None = None) -> dict[str, Any]:
         with self._lock:
             now = time.monotonic()
-            sockets = proxy_sockets(self.pid, self.ports)
+            seen: dict[int, str] = {}
+            sockets = proxy_sockets(self.pid, self.ports, seen)
+            for port, what in seen.items():
+                changes = self.history.setdefault(port, [])
+                if not changes or changes[-1][1] != what:
+                    changes.append((round(now - self.t0, 1), what))
             ticks = cpu_ticks(self.pid)
             requests = self._requests_before + self.load.tally.requests
             last_t, last_ticks, last_requests = self._last
@@ -1098,7 +1117,7 @@ async def soak(env: Env, results: dict[str, Any]) -> None:
         final, waited = await settle(sampler, args.settle, "settle")
         results["final"] = final
         results["final_settle_s"] = round(waited, 1)
-        results["unlisted_at_end"] = describe_unlisted(proxy.pid)
+        results["unlisted_at_end"] = describe_unlisted(proxy.pid, sampler.history)
         results["soak"] = summarize_tally(load.tally)
         results["stalls"] = stalls(sampler.rows)
         results["outage"] = outage_report(load.tally, timeline, t0, began, results["stalls"])
