@@ -1569,6 +1569,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
                 ("client_conns", "client"),
                 ("redis_conns", "Redis"),
                 ("close_wait", "CLOSE_WAIT"),
+                ("unlisted_sockets", "in no table"),
             ],
         ),
         ("requests/s", [("rps", "requests/s")]),
@@ -1576,7 +1577,7 @@ def plot(results: dict[str, Any], path: Path) -> None:
     outage = results.get("outage") or {}
     for ax, (label, series) in zip(axes, panels, strict=True):
         for key, name in series:
-            ax.plot(t, [r[key] for r in rows], label=name, linewidth=1)
+            ax.plot(t, [r.get(key) for r in rows], label=name, linewidth=1)
         ax.set_ylabel(label)
         if outage:
             ax.axvspan(outage["stop_t_s"], outage["up_t_s"], color="red", alpha=0.15)
@@ -1643,6 +1644,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--echo-module", help="path of ngx_http_echo_module.so")
     parser.add_argument("--out", type=Path, default=BENCH / "out", help="output directory")
     parser.add_argument("--keep-tmp", action="store_true", help="keep the temp dir and logs")
+    parser.add_argument(
+        "--from-json",
+        type=Path,
+        metavar="SOAK_JSON",
+        help="only write the report and the plot again from a soak.json, without running",
+    )
     args = parser.parse_args(argv)
     if args.warmup is None:
         args.warmup = 60.0 if args.duration >= 300 else 15.0
@@ -1699,8 +1706,22 @@ def meta(env: Env) -> dict[str, Any]:
     }
 
 
+def rerender(path: Path, out: Path) -> int:
+    """--from-json: the report and the plot of an earlier run, with that run's settings."""
+    results: dict[str, Any] = json.loads(path.read_text())
+    args = argparse.Namespace(**results["meta"]["args"])
+    text = report(results, args)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "soak.md").write_text(text)
+    plot(results, out / "soak.png")
+    print(text)
+    return 0 if all(ok for _, _, ok in verdict(results, args)) else 3
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.from_json:
+        return rerender(args.from_json, args.out)
     missing = check_requirements(args)
     if missing:
         print("bench/soak.py cannot run; missing:", file=sys.stderr)
