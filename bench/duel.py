@@ -171,14 +171,12 @@ def main(argv: list[str] | None = None) -> int:
         env.python = str(venv_python)
     trees: list[Path] = []
     upstream = "sse" if args.stream else "json"
-    relay = None
+    relays = []
+    stores = []
     try:
-        run.start_redis(env)
         if args.cluster:
             run.start_cluster(env)
         run.start_nginx(env)
-        if args.redis_delay_ms:
-            relay = run.delayed_redis(env, args.redis_delay_ms / 1000)
         ports = []
         extras = {"base": args.base_extra, "candidate": args.candidate_extra}
         sessions = {"base": args.base_session, "candidate": args.candidate_session}
@@ -187,6 +185,12 @@ def main(argv: list[str] | None = None) -> int:
                 port = run.start_target(env, "aiohttp", upstream, str(env.proxy_cpu)).port
                 log(f"{role}: the reference proxy on :{port}")
             else:
+                # A Redis of each side's own: one side's writes (each GETEX renews a TTL)
+                # would otherwise invalidate the other side's near-cache at every request.
+                run.start_redis(env, f"redis-{role}")
+                stores.append(env.redis)
+                if args.redis_delay_ms:
+                    relays.append(run.delayed_redis(env, args.redis_delay_ms / 1000))
                 trees.append(worktree(tmp, role, commit))
                 extra = args.extra + extras[role]
                 session = args.session + sessions[role]
@@ -209,9 +213,9 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: {exc}; logs in {tmp}")
         return 1
     finally:
-        if relay is not None:
+        for relay in relays:
             relay.stop()
-        for stats in (env.redis, env.cluster):
+        for stats in (*stores, env.cluster):
             if stats:
                 stats.close()
         env.procs.stop_all()

@@ -520,17 +520,18 @@ def check_requirements(args: argparse.Namespace, targets: list[str]) -> list[str
     return missing
 
 
-def start_redis(env: Env) -> None:
+def start_redis(env: Env, name: str = "redis") -> None:
+    """A Redis of the benchmark's own; env.redis_port and env.redis name the last started."""
     env.redis_port = free_port(env.ports)
-    redis_dir = env.tmp / "redis"
+    redis_dir = env.tmp / name
     redis_dir.mkdir()
     argv = [
         "redis-server", "--port", str(env.redis_port), "--bind", "127.0.0.1",
         "--save", "", "--appendonly", "no", "--daemonize", "no", "--dir", str(redis_dir),
         "--protected-mode", "no", "--maxclients", "10000",
     ]  # fmt: skip
-    proc = env.procs.start("redis", argv, env.load_cpus)
-    wait_until("redis", lambda: tcp_open(env.redis_port), proc, 15)
+    proc = env.procs.start(name, argv, env.load_cpus)
+    wait_until(name, lambda: tcp_open(env.redis_port), proc, 15)
     env.redis = RedisStats(env.redis_port)
     wait_until("redis PING", lambda: bool(env.redis and env.redis.client.ping()), proc, 15)
 
