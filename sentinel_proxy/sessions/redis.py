@@ -11,7 +11,7 @@ from redis.asyncio.connection import AbstractConnection, ConnectionPool
 from redis.exceptions import AskError, MovedError, RedisError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 
-from sentinel_proxy.exceptions import StoreUnavailable
+from sentinel_proxy.exceptions import ProxyError, StoreUnavailable
 from sentinel_proxy.sessions.base import (
     KEY_PREFIX,
     Acceptor,
@@ -249,8 +249,13 @@ class _Connections:
             return
         finally:
             del self._owed[key]
-        # A connection closed while it was idle: nothing of this batch was answered.
+        # A connection closed while it was idle: nothing of this batch was answered. The
+        # other idle ones were most likely closed with it (a restart, a failover): drop them
+        # now, or those the pool does not reach again would hold their sockets for ever.
         await connection.disconnect(nowait=True)
+        idle, self._idle = self._idle, []
+        for other in idle:
+            await other.disconnect(nowait=True)
         pending = [item for item in batch if not item[1].done()]
         if pending:
             await self._exchange(connection, pending, reused=False)
@@ -517,6 +522,14 @@ class RedisStore:
             breaker.failure()
             self._suspect(node)
             raise StoreUnavailable("the session store is unreachable") from exc
+        except StoreUnavailable:
+            raise
+        except ProxyError:
+            # The request's own error, raised by `make` (a follow-up whose pin is gone names
+            # no model): Redis did answer. Were it a half-open trial, it must close the
+            # breaker, or the store would stay shut another reset period.
+            breaker.success()
+            raise
         breaker.success()
         return result
 

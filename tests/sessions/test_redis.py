@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -11,7 +13,7 @@ from pathlib import Path
 import orjson
 import pytest
 
-from sentinel_proxy.exceptions import StoreUnavailable
+from sentinel_proxy.exceptions import InvalidRequest, StoreUnavailable
 from sentinel_proxy.sessions import CircuitBreaker, RedisStore, Session
 from tests.support.fault_relay import FaultRelay
 from tests.support.redis_server import RedisServer
@@ -506,3 +508,64 @@ async def test_repin_of_a_vanished_session_stores_the_replacement(store: RedisSt
     replacement = session("gone", "b", "m-b")
     assert await store.repin(session("gone", "a", "m-a"), replacement) == replacement
     assert await store.get("gone") == replacement
+
+
+def open_sockets() -> int:
+    """Sockets this process holds open, connected or not (a socket the peer reset stays an
+    open file until it is closed here)."""
+    count = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            count += os.readlink(f"/proc/self/fd/{fd}").startswith("socket:[")
+    return count
+
+
+async def test_idle_connections_closed_with_one_that_was_found_dead_are_dropped(
+    redis_url: str, redis_server: RedisServer
+) -> None:
+    """After a restart every idle connection is dead (the server closed them: CLOSE_WAIT
+    here, the file still open); once one is found so, the others are closed too, rather
+    than held open until the pool happens to reach them."""
+    baseline = open_sockets()
+    store = make_store(redis_url, failures=1, budget=2.0)
+    try:
+        redis_server.pause()  # the batches wait, each on a connection of its own
+        calls = []
+        for index in range(8):
+            calls.append(asyncio.ensure_future(get_or_create(store, session(f"d{index}"))))
+            await asyncio.sleep(0.01)
+        redis_server.resume()
+        await asyncio.gather(*calls)
+        assert open_sockets() - baseline >= 4, "the batches should have used several"
+        with redis_server.client() as client:
+            client.execute_command("CLIENT", "KILL", "TYPE", "normal")
+        await get_or_create(store, session("d0"))
+        assert open_sockets() - baseline == 1
+    finally:
+        redis_server.ensure_running()
+        await store.aclose()
+
+
+async def test_a_trial_call_that_ends_in_the_request_s_own_error_closes_the_breaker(
+    redis_relay: FaultRelay,
+) -> None:
+    store = make_store(redis_relay.url("redis", "/0"), failures=1, budget=0.2)
+    try:
+        redis_relay.black_hole()
+        with pytest.raises(StoreUnavailable):
+            await get_or_create(store, session("t1"))
+        assert store.breaker.state == "open"
+        redis_relay.pass_through()
+        redis_relay.reset()
+        assert await eventually(lambda: store.breaker.state == "half-open", 2)
+
+        def refuse() -> Session:
+            raise InvalidRequest("model field is required")
+
+        # The trial: Redis answers (no session), the request itself is refused.
+        with pytest.raises(InvalidRequest):
+            await store.get_or_create("t2", None, refuse)
+        assert store.breaker.state == "closed"
+        assert (await get_or_create(store, session("t3")))[1]
+    finally:
+        await store.aclose()
