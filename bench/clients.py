@@ -118,10 +118,14 @@ async def read_response(
     return Response(status, keep_alive, total, tail)
 
 
-async def prime(port: int, pool: int, *, concurrency: int = 64, timeout: float = 30.0) -> int:
-    """One non-streaming request for each of bench-0 .. bench-<pool-1>, on `concurrency`
-    keep-alive connections. Returns the number of requests that failed."""
-    ids = iter(range(pool))
+async def prime(
+    port: int, pool: int, *, passes: int = 2, concurrency: int = 64, timeout: float = 30.0
+) -> int:
+    """`passes` non-streaming requests for each of bench-0 .. bench-<pool-1>, one pass after
+    the other, on `concurrency` keep-alive connections: the first pass makes the sessions,
+    the second reads each back into the near-cache, as a conversation's second request
+    does. Returns the number of requests that failed."""
+    ids = iter([n for _ in range(passes) for n in range(pool)])
     failed = 0
 
     async def worker() -> None:

@@ -748,7 +748,8 @@ def scenario_throughput(env: Env, targets: list[str], results: dict[str, Any]) -
             try:
                 if running.pid and mode == "json":
                     results.setdefault("rss_start_mb", {})[target] = round(rss_mb(running.pid), 1)
-                if mode == MODES[0]:
+                if target == "sentinel" or mode == MODES[0]:
+                    # Every sentinel-proxy process: its near-cache starts empty.
                     began = time.monotonic()
                     failed = asyncio.run(clients.prime(running.port, args.pool))
                     keys = env.redis.snapshot()["keys"] if env.redis else None
