@@ -28,6 +28,13 @@ only; `--session`/`--base-session`/`--candidate-session` go in its [session] tab
 `--wrk-arg` passes an argument to wrk/chat.lua (key=..., model=..., implicit); `--env
 NAME=VALUE` sets a variable for sentinel-proxy (a provider key, an HMAC key);
 `--redis-delay-ms N` puts Redis behind a relay that holds each read N/2 ms each way.
+
+`--latency` measures latency instead: in each round one wrk of one connection goes to the
+nginx mock directly, then to the base, then to the candidate, one after the other (two
+processes sharing a CPU would add each other's latency), and prints each side's p50 over the
+direct p50 of the same round, medians across rounds. `duel.py HEAD HEAD --latency
+--redis-delay-ms 1 --base-session "near_cache = false"` is what the near-cache saves when
+Redis is 1 ms away.
 """
 
 from __future__ import annotations
@@ -73,6 +80,8 @@ def start_sentinel(
     ]  # fmt: skip
     variables = dict(os.environ)
     variables.update(item.split("=", 1) for item in env.args.env)
+    if name == "candidate":
+        variables.update(item.split("=", 1) for item in env.args.candidate_env)
     # `python -m` puts the working directory first on sys.path: the worktree's package wins.
     proc = env.procs.start(name, argv, str(env.proxy_cpu), env=variables, cwd=tree)
     ready = f"http://127.0.0.1:{port}/readyz"
@@ -114,6 +123,27 @@ def paired_round(env: Env, ports: tuple[int, int], seconds: float) -> list[int]:
     return good
 
 
+def latency_p50_ms(env: Env, port: int, seconds: float) -> float:
+    """The p50 of one wrk connection to port."""
+    args = env.args
+    argv = run.wrk_argv(
+        env.load_cpus, port, conns=1, seconds=seconds, stream=args.stream, pool=args.pool,
+        extra=args.wrk_arg,
+    )  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 60)
+    line = next((ln for ln in done.stdout.splitlines() if ln.startswith("BENCH_RESULT ")), None)
+    if done.returncode != 0 or line is None:
+        raise BenchError(
+            f"wrk failed ({done.returncode}): {done.stdout[-500:]}{done.stderr[-500:]}"
+        )
+    raw = json.loads(line.split(" ", 1)[1])
+    if int(raw["non2xx"]) or int(raw["bad_body"]):
+        raise BenchError(
+            f"wrk to :{port} got {raw['non2xx']} non-2xx, {raw['bad_body']} bad bodies"
+        )
+    return float(raw["lat_p50_us"]) / 1000.0
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("base", help=f"git revision to compare against, or {REFERENCE!r}")
@@ -147,6 +177,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--wrk-arg", action="append", default=[], help="an argument of wrk/chat.lua"
     )
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for sentinel-proxy")
+    parser.add_argument(
+        "--candidate-env", action="append", default=[], help="NAME=VALUE for the candidate only"
+    )
+    parser.add_argument(
+        "--latency", action="store_true", help="p50 added at one connection, not throughput"
+    )
     parser.add_argument(
         "--redis-delay-ms", type=float, default=0.0, help="Redis behind a relay this slow"
     )
@@ -204,7 +240,17 @@ def main(argv: list[str] | None = None) -> int:
         # With wrk arguments the warm-up goes round the whole pool (it primes the sessions).
         paired_round(env, (ports[0], ports[1]), max(2.0, args.pool / 400) if args.wrk_arg else 2)
         ratios = []
+        added: dict[str, list[float]] = {"base": [], "candidate": []}
         for number in range(1, args.rounds + 1):
+            if args.latency:
+                direct = latency_p50_ms(env, env.upstream_ports[upstream], args.seconds)
+                for role, port in zip(added, ports, strict=True):
+                    added[role].append(latency_p50_ms(env, port, args.seconds) - direct)
+                log(
+                    f"round {number}: direct p50 {direct:.3f} ms, added: base "
+                    f"{added['base'][-1]:.3f} ms, candidate {added['candidate'][-1]:.3f} ms"
+                )
+                continue
             base, candidate = paired_round(env, (ports[0], ports[1]), args.seconds)
             ratios.append(candidate / max(base, 1))
             log(f"round {number}: base {base}, candidate {candidate}: {ratios[-1]:.3f}")
@@ -228,6 +274,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.cluster:
         who = "" if args.cluster == "both" else f" for the {args.cluster} only"
         mode += f", sessions in a {run.CLUSTER_MASTERS}-master Redis Cluster{who}"
+    if args.redis_delay_ms:
+        mode += f", Redis {args.redis_delay_ms:g} ms away"
+    if args.latency:
+        print(
+            f"p50 added over direct, {mode}, 1 connection, {args.rounds} rounds of "
+            f"{args.seconds:g} s: base {args.base} {statistics.median(added['base']):.3f} ms, "
+            f"candidate {args.candidate} {statistics.median(added['candidate']):.3f} ms"
+        )
+        return 0
     print(
         f"{args.candidate} vs {args.base}, {mode}, {args.conns} connections each, "
         f"{args.rounds} rounds "
