@@ -210,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     relays = []
     stores = []
     try:
-        if args.cluster:
-            run.start_cluster(env)
         run.start_nginx(env)
         ports = []
         extras = {"base": args.base_extra, "candidate": args.candidate_extra}
@@ -223,8 +221,12 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 # A Redis of each side's own: one side's writes (each GETEX renews a TTL)
                 # would otherwise invalidate the other side's near-cache at every request.
-                run.start_redis(env, f"redis-{role}")
-                stores.append(env.redis)
+                if args.cluster in ("both", role):
+                    run.start_cluster(env, f"cluster-{role}")
+                    stores.append(env.cluster)
+                else:
+                    run.start_redis(env, f"redis-{role}")
+                    stores.append(env.redis)
                 if args.redis_delay_ms:
                     relays.append(run.delayed_redis(env, args.redis_delay_ms / 1000))
                 trees.append(worktree(tmp, role, commit))
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         for relay in relays:
             relay.stop()
-        for stats in (*stores, env.cluster):
+        for stats in stores:
             if stats:
                 stats.close()
         env.procs.stop_all()

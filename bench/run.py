@@ -563,12 +563,13 @@ def delayed_redis(env: Env, seconds: float) -> Any:
     return relay
 
 
-def start_cluster(env: Env) -> None:
-    """A Redis Cluster of CLUSTER_MASTERS masters on the load CPU, joined with redis-cli."""
+def start_cluster(env: Env, name: str = "cluster") -> None:
+    """A Redis Cluster of CLUSTER_MASTERS masters on the load CPU, joined with redis-cli;
+    `name` tells the processes and directories of a second one apart."""
     ports = []
     for index in range(CLUSTER_MASTERS):
         port, bus = free_port(env.ports), free_port(env.ports)
-        directory = env.tmp / f"cluster-{index}"
+        directory = env.tmp / f"{name}-{index}"
         directory.mkdir()
         argv = [
             "redis-server", "--port", str(port), "--bind", "127.0.0.1",
@@ -577,7 +578,7 @@ def start_cluster(env: Env) -> None:
             "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
             "--cluster-port", str(bus),
         ]  # fmt: skip
-        proc = env.procs.start(f"cluster-{index}", argv, env.load_cpus)
+        proc = env.procs.start(f"{name}-{index}", argv, env.load_cpus)
         wait_until(f"cluster node {index}", lambda p=port: tcp_open(p), proc, 15)  # type: ignore[misc]
         ports.append(port)
     done = subprocess.run(
