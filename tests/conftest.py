@@ -120,15 +120,25 @@ def sentinels(redis_sentinels: RedisSentinels) -> Iterator[RedisSentinels]:
     redis_sentinels.wait_healthy()
 
 
-@pytest.fixture
-def upstream() -> Iterator[UpstreamStub]:
-    """A fresh upstream stub on a free loopback port."""
+def _upstream_stub() -> Iterator[UpstreamStub]:
     stub = UpstreamStub()
     stub.start()
     try:
         yield stub
     finally:
         stub.stop()
+
+
+@pytest.fixture
+def upstream() -> Iterator[UpstreamStub]:
+    """A fresh upstream stub on a free loopback port."""
+    yield from _upstream_stub()
+
+
+@pytest.fixture
+def second_upstream() -> Iterator[UpstreamStub]:
+    """Another, for tests of two providers."""
+    yield from _upstream_stub()
 
 
 @pytest.fixture

@@ -32,16 +32,6 @@ def config(redis_url: str, a: UpstreamStub, b: UpstreamStub) -> str:
     )
 
 
-@pytest.fixture
-def second_upstream() -> Iterator[UpstreamStub]:
-    stub = UpstreamStub()
-    stub.start()
-    try:
-        yield stub
-    finally:
-        stub.stop()
-
-
 def chat(proxy: ProxyProcess, conversation_id: str) -> httpx.Response:
     body = {"model": "fast", "messages": MESSAGES, "conversation_id": conversation_id}
     with httpx.Client(trust_env=False, timeout=20.0) as client:

@@ -9,7 +9,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
@@ -27,16 +27,6 @@ pytestmark = pytest.mark.e2e
 RELOADED = "configuration reloaded from"
 NOT_RELOADED = "configuration not reloaded"
 BAD_TARGET = '[models.broken]\ntargets = [{ provider = "nowhere", model = "m" }]\n'
-
-
-@pytest.fixture
-def other_upstream() -> Iterator[UpstreamStub]:
-    stub = UpstreamStub()
-    stub.start()
-    try:
-        yield stub
-    finally:
-        stub.stop()
 
 
 def config(
@@ -133,9 +123,9 @@ class Stream(threading.Thread):
 
 
 def test_sighup_serves_the_new_file_while_older_streams_and_pins_go_on(
-    start_proxy: StartProxy, upstream: UpstreamStub, other_upstream: UpstreamStub
+    start_proxy: StartProxy, upstream: UpstreamStub, second_upstream: UpstreamStub
 ) -> None:
-    a, b = upstream, other_upstream
+    a, b = upstream, second_upstream
     release = a.hold_streams()
     proxy = start_proxy(config({"a": a}, "a"))
     assert chat(proxy, "kept")[:3] == ("a", "m-a", "created")
@@ -165,9 +155,9 @@ def test_sighup_serves_the_new_file_while_older_streams_and_pins_go_on(
 
 
 def test_a_bad_file_keeps_the_running_config_and_restart_settings_wait(
-    start_proxy: StartProxy, upstream: UpstreamStub, other_upstream: UpstreamStub
+    start_proxy: StartProxy, upstream: UpstreamStub, second_upstream: UpstreamStub
 ) -> None:
-    a, b = upstream, other_upstream
+    a, b = upstream, second_upstream
     proxy = start_proxy(config({"a": a}, "a"))
     line = sighup(proxy, config({"a": a}, "b"), outcome=NOT_RELOADED)
     assert line.endswith(
@@ -195,9 +185,9 @@ def test_a_bad_file_keeps_the_running_config_and_restart_settings_wait(
 
 
 def test_sighup_reloads_every_worker_and_the_workers_started_later(
-    upstream: UpstreamStub, other_upstream: UpstreamStub, redis_url: str, tmp_path: Path
+    upstream: UpstreamStub, second_upstream: UpstreamStub, redis_url: str, tmp_path: Path
 ) -> None:
-    a, b = upstream, other_upstream
+    a, b = upstream, second_upstream
     proxy = ProxyProcess(
         config({"a": a}, "a", redis_url),
         tmp_path,

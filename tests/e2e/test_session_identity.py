@@ -3,7 +3,6 @@ prompt-cache keys. The real process, two upstream stubs, the private Redis."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -19,16 +18,6 @@ pytestmark = pytest.mark.e2e
 HASH_KEY = {"SENTINEL_IMPLICIT_KEY": "replicas-share-this-key-0123456789"}
 SYSTEM = {"role": "system", "content": "You are the secret-system-prompt assistant."}
 FIRST = {"role": "user", "content": "my-private-first-message"}
-
-
-@pytest.fixture
-def second_upstream() -> Iterator[UpstreamStub]:
-    stub = UpstreamStub()
-    stub.start()
-    try:
-        yield stub
-    finally:
-        stub.stop()
 
 
 def config(a: UpstreamStub, b: UpstreamStub, redis_url: str, extra: str = "") -> str:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
@@ -25,16 +24,6 @@ KEYS = {"PROVIDER_A_KEY": "sk-provider-a", "PROVIDER_B_KEY": "sk-provider-b"}
 
 def sha256(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
-
-
-@pytest.fixture
-def second_upstream() -> Iterator[UpstreamStub]:
-    stub = UpstreamStub()
-    stub.start()
-    try:
-        yield stub
-    finally:
-        stub.stop()
 
 
 def config(
