@@ -11,7 +11,8 @@
 - ``redis_sentinels`` (session): ``RedisSentinels``, a primary, a replica and three sentinels
   watching ``mymaster`` (``.addresses``, ``.primary()``, ``.failover()``, ``.kill(server)``);
   ``sentinels`` (function): the same, healthy, the primary emptied.
-- ``upstream`` (function): a started ``UpstreamStub``.
+- ``own_redis`` (function): two fresh ``RedisServer``s of the test's own (to make one a replica).
+- ``upstream``, ``second_upstream`` (function): a started ``UpstreamStub`` each.
 - ``start_proxy`` (function): ``start_proxy(config, env=None, **options) -> ProxyProcess``.
 - ``openai_client`` (function): ``openai_client(proxy_or_base_url, **options) -> openai.OpenAI``.
 - ``otlp_receiver`` (function): a started ``OTLPReceiver`` (``.url``, ``.wait_for_spans(n)``).
@@ -95,6 +96,19 @@ def cluster(redis_cluster: RedisCluster) -> Iterator[RedisCluster]:
     redis_cluster.flushall()
     yield redis_cluster
     redis_cluster.wait_healthy()
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
+    """Two fresh redis-servers of this test's own, so that one can be made a replica."""
+    servers = [RedisServer(tmp_path / name) for name in ("first", "second")]
+    try:
+        for server in servers:
+            server.start()
+        yield servers[0], servers[1]
+    finally:
+        for server in servers:
+            server.stop()
 
 
 @pytest.fixture(scope="session")

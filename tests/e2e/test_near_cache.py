@@ -4,8 +4,7 @@ unpins at once, a demoted primary empties the cache, and the hits are counted.""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -79,18 +78,6 @@ def test_an_unpin_through_one_replica_is_seen_by_the_other_at_once(
         assert chat(one, conversation_id).headers["x-sentinel-session"] == "created"
     assert metric(one, 'sentinel_near_cache_total{event="hit"}') >= 8
     assert metric(one, 'sentinel_near_cache_total{event="invalidation"}') >= 8
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    servers = [RedisServer(tmp_path / name) for name in ("first", "second")]
-    try:
-        for server in servers:
-            server.start()
-        yield servers[0], servers[1]
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def test_a_demoted_primary_empties_the_cache_within_a_heartbeat(

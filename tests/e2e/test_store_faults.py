@@ -9,9 +9,8 @@ from __future__ import annotations
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -195,19 +194,6 @@ def test_black_holed_redis_fails_in_the_budget_opens_the_breaker_and_recovers(
     assert outcome(response)[:2] == (200, "created")
     assert outcome(chat(proxy, "c-hole"))[:2] == (200, "hit")
     assert outcome(chat(proxy, "c-warm"))[:2] == (200, "hit")
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    """Two fresh redis-servers of this test's own, so that one can be made a replica."""
-    servers = [RedisServer(tmp_path / name) for name in ("first", "second")]
-    try:
-        for server in servers:
-            server.start()
-        yield servers[0], servers[1]
-    finally:
-        for server in servers:
-            server.stop()
 
 
 def test_a_demoted_primary_is_a_store_failure_and_not_ready(

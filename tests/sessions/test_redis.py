@@ -7,8 +7,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator, Callable
 
 import orjson
 import pytest
@@ -65,19 +64,6 @@ async def eventually(condition: Callable[[], bool], timeout: float) -> bool:
 def connections_received(server: RedisServer) -> int:
     with server.client() as r:
         return int(r.info("stats")["total_connections_received"])
-
-
-@pytest.fixture
-def own_redis(tmp_path: Path) -> Iterator[tuple[RedisServer, RedisServer]]:
-    """Two fresh redis-servers of this test's own, so that one can be made a replica."""
-    servers = [RedisServer(tmp_path / name) for name in ("first", "second")]
-    try:
-        for server in servers:
-            server.start()
-        yield servers[0], servers[1]
-    finally:
-        for server in servers:
-            server.stop()
 
 
 async def test_first_request_stores_the_session_as_json_with_the_ttl(
