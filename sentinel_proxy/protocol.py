@@ -14,7 +14,9 @@ starts after one, and any byte resets it), and httptools stores header lines of 
 - a body rate: each `body_rate_window_seconds` of a body (the first is its grace) must bring
   `body_min_rate_bytes_per_second` on average, unless the app itself paused reading; slower:
   408 and close;
-- the OpenAI shape for the 503 of uvicorn's `limit_concurrency` (`server.max_connections`).
+- the OpenAI shape for the 503 of uvicorn's `limit_concurrency` (`server.max_connections`);
+- a response head that leaves with the first bytes of its body: uvicorn writes them apart,
+  which costs a send() and a TCP segment each (`_HeadJoiningTransport`).
 
 One timer per connection, re-armed lazily: a request only stores its deadline, and the timer,
 when it fires, compares. A connection making quick requests re-arms it once per deadline
@@ -49,6 +51,9 @@ from sentinel_proxy.request import MAX_HEADER_BYTES
 # A refused connection stays half-closed this long, so the client reads the answer: closing
 # with its input unread makes the kernel send a reset, which can discard the answer in flight.
 LINGER_SECONDS = 2.0
+
+# A body write at most this large is joined to the head held before it; a larger one follows it.
+JOIN_LIMIT = 64 * 1024
 
 # What the connection is reading: between requests, a head, a body; or it was refused.
 _IDLE, _HEAD, _BODY, _REFUSED = range(4)
@@ -98,6 +103,7 @@ class ClientProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = self._joiner = _HeadJoiningTransport(transport, self.loop)
         self._begin(_HEAD, self._limits.header_timeout_seconds)
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -134,6 +140,7 @@ class ClientProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._begin(_BODY, self._limits.body_rate_window_seconds)
+        self._joiner.hold_next = True
         _Base.on_headers_complete(self)
 
     def on_message_complete(self) -> None:
@@ -212,6 +219,90 @@ class ClientProtocol(HttpToolsProtocol):
         self.flow.resume_reading()
         self._arm(math.inf)
         self._timer = self.loop.call_later(LINGER_SECONDS, transport.close)
+
+
+class _HeadJoiningTransport(asyncio.Transport):
+    """The connection's transport, holding back the write after `hold_next` is set (the
+    response head) until the next write, so both leave in one send(); or, when none comes in
+    this turn of the loop (a stream's first chunk is still upstream), sending it alone then."""
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__()
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = None
+        self.hold_next = False
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            if len(data) <= JOIN_LIMIT:
+                self._transport.write(held + data)
+                return
+            self._transport.write(held)
+        elif self.hold_next:
+            self.hold_next = False
+            self._held = bytes(data)
+            self._loop.call_soon(self._flush)
+            return
+        self._transport.write(data)
+
+    def _flush(self) -> None:
+        held = self._held
+        if held is not None:
+            self._held = None
+            self._transport.write(held)
+
+    def writelines(self, list_of_data: Any) -> None:
+        self._flush()
+        self._transport.writelines(list_of_data)
+
+    def write_eof(self) -> None:
+        self._flush()
+        self._transport.write_eof()
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def abort(self) -> None:
+        self._held = None
+        self._transport.abort()
+
+    def can_write_eof(self) -> bool:
+        return self._transport.can_write_eof()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+    def set_protocol(self, protocol: asyncio.BaseProtocol) -> None:
+        self._transport.set_protocol(protocol)
+
+    def get_protocol(self) -> asyncio.BaseProtocol:
+        return self._transport.get_protocol()
+
+    def is_reading(self) -> bool:
+        return self._transport.is_reading()
+
+    def pause_reading(self) -> None:
+        self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._transport.resume_reading()
+
+    def get_write_buffer_size(self) -> int:
+        held = self._held
+        return self._transport.get_write_buffer_size() + (len(held) if held else 0)
+
+    def get_write_buffer_limits(self) -> tuple[int, int]:
+        return self._transport.get_write_buffer_limits()
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        self._transport.set_write_buffer_limits(high, low)
 
 
 def _raw_response(exc: ProxyError) -> bytes:

@@ -16,7 +16,7 @@ import uvicorn
 from uvicorn.server import ServerState
 
 from sentinel_proxy.config import ServerConfig
-from sentinel_proxy.protocol import LINGER_SECONDS, ClientProtocol, protocol_class
+from sentinel_proxy.protocol import JOIN_LIMIT, LINGER_SECONDS, ClientProtocol, protocol_class
 from sentinel_proxy.request import MAX_HEADER_BYTES
 
 LIMITS = ServerConfig(
@@ -59,6 +59,7 @@ class FakeLoop:
         self.now = 1000.0
         self.timers: list[FakeTimer] = []
         self.armed: list[FakeTimer] = []
+        self.ready: list[Callable[[], None]] = []
         self.suspended: list[Coroutine[Any, Any, None]] = []
 
     def time(self) -> float:
@@ -69,6 +70,15 @@ class FakeLoop:
         self.timers.append(timer)
         self.armed.append(timer)
         return timer
+
+    def call_soon(self, callback: Callable[[], None]) -> None:
+        self.ready.append(callback)
+
+    def run_ready(self) -> None:
+        """The rest of this turn of the loop: the callbacks `call_soon` queued."""
+        ready, self.ready = self.ready, []
+        for callback in ready:
+            callback()
 
     def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> FakeTimer:
         return self.call_at(self.now + delay, callback, *args)
@@ -84,6 +94,7 @@ class FakeLoop:
         return FakeTask()
 
     def advance(self, seconds: float) -> None:
+        self.run_ready()
         end = self.now + seconds
         while True:
             due = [t for t in self.timers if not t.cancelled and t.when() <= end]
@@ -103,6 +114,7 @@ class FakeLoop:
 class FakeTransport:
     def __init__(self) -> None:
         self.written = bytearray()
+        self.writes: list[bytes] = []
         self.closing = False
         self.eof_written = False
         self.reading = True
@@ -112,7 +124,9 @@ class FakeTransport:
 
     def write(self, data: bytes) -> None:
         assert not self.eof_written, "written after the end of the output"
+        assert not self.closing, "written after close"
         self.written += data
+        self.writes.append(bytes(data))
 
     def can_write_eof(self) -> bool:
         return True
@@ -334,6 +348,60 @@ def test_a_body_the_app_is_not_reading_is_not_the_clients_fault(
     connection.protocol.flow.resume_reading()
     connection.loop.advance(5.0)
     assert connection.status() == 408
+
+
+def start(headers: list[tuple[bytes, bytes]]) -> dict[str, Any]:
+    return {"type": "http.response.start", "status": 200, "headers": headers}
+
+
+def test_a_head_and_its_body_leave_in_one_write(connect: Callable[..., Connection]) -> None:
+    connection = connect()
+    connection.send(GET + GET)
+    writes = connection.transport.writes
+    assert len(writes) == 2
+    assert all(w.startswith(b"HTTP/1.1 200 OK\r\n") and w.endswith(b"\r\n\r\nok") for w in writes)
+
+
+def test_a_head_whose_body_is_not_there_yet_leaves_at_the_end_of_the_loop_turn(
+    connect: Callable[..., Connection],
+) -> None:
+    async def head_then_wait(scope: Any, receive: Any, send: Any) -> None:
+        await send(start([(b"content-type", b"text/event-stream")]))
+        await Pending()
+
+    connection = connect(head_then_wait)
+    connection.send(GET)
+    assert connection.transport.writes == []
+    connection.loop.run_ready()
+    assert connection.status() == 200
+    assert connection.transport.written.endswith(b"\r\n\r\n")
+
+
+def test_a_body_past_the_join_limit_follows_its_head(connect: Callable[..., Connection]) -> None:
+    body = b"x" * (JOIN_LIMIT + 1)
+
+    async def large(scope: Any, receive: Any, send: Any) -> None:
+        await send(start([(b"content-length", str(len(body)).encode())]))
+        await send({"type": "http.response.body", "body": body})
+
+    connection = connect(large)
+    connection.send(GET)
+    head, sent = connection.transport.writes
+    assert head.startswith(b"HTTP/1.1 200 OK\r\n") and head.endswith(b"\r\n\r\n")
+    assert sent == body
+
+
+def test_a_held_head_is_written_before_the_connection_closes(
+    connect: Callable[..., Connection],
+) -> None:
+    async def head_then_fail(scope: Any, receive: Any, send: Any) -> None:
+        await send(start([(b"content-length", b"2")]))
+        raise RuntimeError("the app failed after its head")
+
+    connection = connect(head_then_fail)
+    connection.send(GET)
+    assert connection.status() == 200
+    assert connection.transport.closing
 
 
 def test_the_soft_file_limit_is_raised_to_the_hard_one() -> None:
