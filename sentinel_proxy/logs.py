@@ -58,14 +58,64 @@ def client_request_id(value: bytes) -> str | None:
     return None
 
 
-def access_log(fields: dict[str, Any]) -> None:
-    # Straight to the handlers: Logger.info would walk the stack for a caller nobody logs.
-    if access_logger.isEnabledFor(logging.INFO):
-        record = access_logger.makeRecord(
-            access_logger.name, logging.INFO, __file__, 0, "request", (), None
-        )
+class AccessLog:
+    """Logs a request's line. Where `logging_config` set logging up (one BufferedStderrHandler
+    of ours, no filters), the line goes into that handler's buffer without a LogRecord or
+    `Logger.handle`: that path cost 5% of the throughput (bench/RESULTS.md). Otherwise, as
+    under a test's log capture or a logging set up by hand, it goes through `logging`."""
+
+    def __init__(self, logger: logging.Logger = access_logger) -> None:
+        self._logger = logger
+        self._handler = _sole_handler(logger)
+
+    def __call__(self, fields: dict[str, Any]) -> None:
+        logger = self._logger
+        if not logger.isEnabledFor(logging.INFO):
+            return
+        handler = self._handler
+        if handler is not None:
+            formatter: TextFormatter | JsonFormatter = handler.formatter  # type: ignore[assignment]
+            if handler.write_line(formatter.access_line(time.time(), logger.name, fields)):
+                return
+        # Straight to the handlers: Logger.info would walk the stack for a caller nobody logs.
+        record = logger.makeRecord(logger.name, logging.INFO, __file__, 0, "request", (), None)
         record.fields = fields
-        access_logger.handle(record)
+        logger.handle(record)
+
+
+def _sole_handler(logger: logging.Logger) -> BufferedStderrHandler | None:
+    """The one handler `logger`'s records reach, if it is ours and nothing filters them."""
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        if current.filters or current.disabled:
+            return None
+        handlers += current.handlers
+        current = current.parent if current.propagate else None
+    if len(handlers) != 1:
+        return None
+    handler = handlers[0]
+    if (
+        type(handler) is not BufferedStderrHandler
+        or handler.filters
+        or handler.level > logging.INFO
+        or type(handler.formatter) not in (TextFormatter, JsonFormatter)
+    ):
+        return None
+    return handler
+
+
+def _text_fields(fields: dict[str, Any]) -> str:
+    parts = []
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if type(value) is str:
+            value = escape(value)
+        elif type(value) is not int and type(value) is not float:
+            value = escape(str(value))
+        parts.append(f"{name}={value}")
+    return " ".join(parts)
 
 
 class TextFormatter(logging.Formatter):
@@ -75,11 +125,19 @@ class TextFormatter(logging.Formatter):
         self._stamp = ""
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return self._time(record.created)
+
+    def _time(self, created: float) -> str:
         # One strftime a second, not one a line.
-        second = int(record.created)
+        second = int(created)
         if second != self._second:
-            self._second, self._stamp = second, super().formatTime(record, datefmt)[:-4]
-        return f"{self._stamp},{int(record.msecs):03d}"
+            self._second = second
+            self._stamp = time.strftime("%Y-%m-%d %H:%M:%S", self.converter(created))
+        return f"{self._stamp},{int((created - second) * 1000):03d}"
+
+    def access_line(self, created: float, name: str, fields: dict[str, Any]) -> str:
+        """What `format` makes of an access-log record of these fields."""
+        return f"{self._time(created)} INFO {name} request {_text_fields(fields)}"
 
     def format(self, record: logging.LogRecord) -> str:
         record.message = escape(record.getMessage())
@@ -87,9 +145,7 @@ class TextFormatter(logging.Formatter):
         line = self.formatMessage(record)
         fields = getattr(record, "fields", None)
         if fields:
-            line += " " + " ".join(
-                f"{k}={escape(str(v))}" for k, v in fields.items() if v is not None
-            )
+            line += " " + _text_fields(fields)
         else:
             request_id = current_request_id.get()
             if request_id is not None:
@@ -100,14 +156,16 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
+    def access_line(self, created: float, name: str, fields: dict[str, Any]) -> str:
+        """What `format` makes of an access-log record of these fields."""
+        entry = _json_entry(created, "info", name, "request")
+        entry.update(fields)
+        return orjson.dumps(entry, default=str).decode()
+
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "ts": round(record.created, 6),
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
+        entry = _json_entry(
+            record.created, record.levelname.lower(), record.name, record.getMessage()
+        )
         fields = getattr(record, "fields", None)
         if fields:
             entry.update(fields)
@@ -118,6 +176,16 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             entry["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(entry, default=str).decode()
+
+
+def _json_entry(created: float, level: str, name: str, message: str) -> dict[str, Any]:
+    return {
+        "ts": round(created, 6),
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(created)),
+        "level": level,
+        "logger": name,
+        "message": message,
+    }
 
 
 class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -150,6 +218,20 @@ class BufferedStderrHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self.flush()
         elif not self._pending.is_set():
             self._pending.set()
+
+    def write_line(self, line: str) -> bool:
+        """Buffers an info line made without a LogRecord (`AccessLog`); False if it could
+        not be written."""
+        self.acquire()
+        try:
+            self.stream.write(line + "\n")
+        except Exception:
+            return False
+        finally:
+            self.release()
+        if not self._pending.is_set():
+            self._pending.set()
+        return True
 
     def _flush_later(self) -> None:
         while True:

@@ -25,7 +25,7 @@ from sentinel_proxy.health import Health, is_target_failure
 from sentinel_proxy.identity import IMPLICIT, Identity
 from sentinel_proxy.logs import (
     REQUEST_ID_HEADER,
-    access_log,
+    AccessLog,
     client_request_id,
     current_request_id,
     new_request_id,
@@ -66,6 +66,7 @@ class Proxy:
     ) -> None:
         self._metrics = metrics
         self._tracing = tracing
+        self._access_log = AccessLog()
         self._router = router
         self._health = health
         self._store = store
@@ -110,7 +111,7 @@ class Proxy:
         finally:
             fields["status"] = status
             fields["duration_ms"] = round((time.perf_counter() - started) * 1000, 2)
-            access_log(fields)
+            self._access_log(fields)
             self._metrics.request(
                 fields.get("provider", ""), fields.get("model"), status, fields.get("session")
             )
