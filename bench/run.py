@@ -1348,7 +1348,8 @@ def first_line(argv: list[str]) -> str:
     return "?"
 
 
-def machine_info(env: Env) -> dict[str, Any]:
+def machine() -> dict[str, Any]:
+    """The date, the hardware and the versions a benchmark's figures were read with."""
     cpu_model = "?"
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -1359,7 +1360,6 @@ def machine_info(env: Env) -> dict[str, Any]:
     with contextlib.suppress(OSError, ValueError, IndexError):
         kb = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
         memory = f"{kb / 1024 / 1024:.0f} GiB RAM"
-    args = env.args
     return {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "cpu_model": cpu_model,
@@ -1370,6 +1370,12 @@ def machine_info(env: Env) -> dict[str, Any]:
         "nginx": first_line(["nginx", "-v"]).replace("nginx version: ", ""),
         "wrk": first_line(["wrk", "--version"]).split(" [")[0],
         "redis": "Redis " + first_line(["redis-server", "--version"]).split()[2].lstrip("v="),
+    }
+
+
+def machine_info(env: Env) -> dict[str, Any]:
+    args = env.args
+    return machine() | {
         "command": shlex.join([Path(sys.executable).as_posix(), *sys.argv]),
         "proxy_cpu": env.proxy_cpu,
         "load_cpu": env.load_cpu,

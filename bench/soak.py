@@ -29,7 +29,6 @@ import datetime as dt
 import importlib.util
 import json
 import os
-import platform
 import random
 import resource
 import shlex
@@ -1676,27 +1675,9 @@ def check_requirements(args: argparse.Namespace) -> list[str]:
 
 
 def meta(env: Env) -> dict[str, Any]:
-    cpu_model = "?"
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    memory = "?"
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        kb = int(Path("/proc/meminfo").read_text().splitlines()[0].split()[1])
-        memory = f"{kb / 1024 / 1024:.0f} GiB RAM"
     commit = run.first_line(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"])
     dirty = run.first_line(["git", "-C", str(ROOT), "status", "--porcelain", "sentinel_proxy"])
-    return {
-        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cpu_model": cpu_model,
-        "cpus": os.cpu_count(),
-        "memory": memory,
-        "kernel": f"Linux {platform.release()}",
-        "python": platform.python_version(),
-        "nginx": run.first_line(["nginx", "-v"]).replace("nginx version: ", ""),
-        "redis": "Redis " + run.first_line(["redis-server", "--version"]).split()[2].lstrip("v="),
+    return run.machine() | {
         "commit": commit + (" (sentinel_proxy/ modified)" if dirty not in ("", "?") else ""),
         "command": shlex.join(["bench/soak.py", *sys.argv[1:]]),
         "proxy_cpu": env.proxy_cpu,
