@@ -16,11 +16,13 @@
 - ``start_proxy`` (function): ``start_proxy(config, env=None, **options) -> ProxyProcess``.
 - ``openai_client`` (function): ``openai_client(proxy_or_base_url, **options) -> openai.OpenAI``.
 - ``otlp_receiver`` (function): a started ``OTLPReceiver`` (``.url``, ``.wait_for_spans(n)``).
+- ``raw_upstream`` (function): ``raw_upstream(response) -> RawUpstream``, an upstream that
+  answers every connection with those bytes (or a ``Responder``); stopped at teardown.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +37,7 @@ from tests.support.proxy_process import (
     StartProxy,
     make_openai_client,
 )
+from tests.support.raw_upstream import RawUpstream, Responder
 from tests.support.redis_cluster import RedisCluster
 from tests.support.redis_sentinel import RedisSentinels
 from tests.support.redis_server import RedisServer, RedisServerNotFound
@@ -222,3 +225,19 @@ def otlp_receiver() -> Iterator[OTLPReceiver]:
         yield receiver
     finally:
         receiver.stop()
+
+
+@pytest.fixture
+def raw_upstream() -> Iterator[Callable[[bytes | Responder], RawUpstream]]:
+    started: list[RawUpstream] = []
+
+    def start(response: bytes | Responder) -> RawUpstream:
+        server = RawUpstream(response).start()
+        started.append(server)
+        return server
+
+    try:
+        yield start
+    finally:
+        for server in started:
+            server.stop()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -101,27 +101,13 @@ async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
         await server.wait_closed()
 
 
-@pytest.fixture
-def raw_upstreams() -> Iterator[Callable[[bytes | Responder], RawUpstream]]:
-    started: list[RawUpstream] = []
-
-    def start(response: bytes | Responder) -> RawUpstream:
-        server = RawUpstream(response).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
-
-
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\nok"
 
 
 async def test_header_bytes_outside_ascii_reach_the_upstream_as_sent(
-    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+    raw_upstream: Callable[[bytes | Responder], RawUpstream],
 ) -> None:
-    server = raw_upstreams(OK)
+    server = raw_upstream(OK)
     transport = AiohttpTransport(max_connections=4)
     utf8 = "café ☕".encode()
     request = httpx.Request(
@@ -147,9 +133,9 @@ async def test_header_bytes_outside_ascii_reach_the_upstream_as_sent(
 
 @pytest.mark.parametrize("value", [b"a\x01b", b"\xe9\x01"])
 async def test_control_characters_in_header_values_are_refused(
-    raw_upstreams: Callable[[bytes | Responder], RawUpstream], value: bytes
+    raw_upstream: Callable[[bytes | Responder], RawUpstream], value: bytes
 ) -> None:
-    server = raw_upstreams(OK)
+    server = raw_upstream(OK)
     transport = AiohttpTransport(max_connections=1)
     request = httpx.Request("GET", f"{server.base_url}/models", headers=[(b"x", value)])
     try:
@@ -162,11 +148,11 @@ async def test_control_characters_in_header_values_are_refused(
 
 
 async def test_accepts_response_headers_as_large_as_the_proxy_accepts_from_clients(
-    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+    raw_upstream: Callable[[bytes | Responder], RawUpstream],
 ) -> None:
     many = b"".join(b"x-h%d: v\r\n" % i for i in range(300))
     big = b"x-big: " + b"a" * (40 * 1024) + b"\r\n"
-    server = raw_upstreams(b"HTTP/1.1 200 OK\r\n" + many + big + OK.split(b"\r\n", 1)[1])
+    server = raw_upstream(b"HTTP/1.1 200 OK\r\n" + many + big + OK.split(b"\r\n", 1)[1])
     transport = AiohttpTransport(max_connections=4)
     try:
         response = await transport.handle_async_request(
@@ -276,9 +262,9 @@ EVENT = b"10\r\ndata: thinking\n\n\r\n"
 
 
 async def test_after_the_first_body_bytes_silence_is_bounded_by_the_chunk_timeout(
-    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+    raw_upstream: Callable[[bytes | Responder], RawUpstream],
 ) -> None:
-    server = raw_upstreams(_respond_in_steps(SSE_HEAD, 0.1, EVENT, 30.0))
+    server = raw_upstream(_respond_in_steps(SSE_HEAD, 0.1, EVENT, 30.0))
     transport = AiohttpTransport(max_connections=4)
     timeout = {"connect": 5.0, "read": 20.0, "write": 5.0, "pool": 5.0, "chunk": 0.3}
     request = httpx.Request("GET", f"{server.base_url}/stream", extensions={"timeout": timeout})
@@ -297,10 +283,10 @@ async def test_after_the_first_body_bytes_silence_is_bounded_by_the_chunk_timeou
 
 
 async def test_until_the_first_body_bytes_the_first_byte_timeout_applies(
-    raw_upstreams: Callable[[bytes | Responder], RawUpstream],
+    raw_upstream: Callable[[bytes | Responder], RawUpstream],
 ) -> None:
     # Headers at once, then a model that thinks longer than the chunk timeout.
-    server = raw_upstreams(_respond_in_steps(SSE_HEAD, 1.0, EVENT + b"0\r\n\r\n"))
+    server = raw_upstream(_respond_in_steps(SSE_HEAD, 1.0, EVENT + b"0\r\n\r\n"))
     transport = AiohttpTransport(max_connections=4)
     timeout = {"connect": 5.0, "read": 20.0, "write": 5.0, "pool": 5.0, "chunk": 0.3}
     request = httpx.Request("GET", f"{server.base_url}/stream", extensions={"timeout": timeout})

@@ -8,7 +8,7 @@ import contextlib
 import json
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -47,26 +47,29 @@ def access_lines(proxy: ProxyProcess, *fragments: str) -> list[str]:
     ]
 
 
+def cut_stream(proxy: ProxyProcess) -> bytes:
+    """The bytes of a 200 stream that the proxy cuts short: without the terminating chunk,
+    so the client can tell the body is incomplete."""
+    received = b""
+    with (
+        client() as http,
+        http.stream(
+            "POST", f"{proxy.base_url}/chat/completions", json=STREAM, headers=TEST_AUTH
+        ) as response,
+    ):
+        assert response.status_code == 200
+        with pytest.raises(httpx.RemoteProtocolError):
+            for chunk in response.iter_raw():
+                received += chunk
+    return received
+
+
 def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:
             raise AssertionError(f"not within {timeout} s: {what}")
         time.sleep(0.02)  # polling with a deadline
-
-
-@pytest.fixture
-def raw_upstream() -> Iterator[Callable[[bytes | Responder], RawUpstream]]:
-    started: list[RawUpstream] = []
-
-    def start(response: bytes | Responder) -> RawUpstream:
-        server = RawUpstream(response).start()
-        started.append(server)
-        return server
-
-    yield start
-    for server in started:
-        server.stop()
 
 
 def test_header_bytes_outside_ascii_reach_the_upstream_as_sent(
@@ -154,19 +157,7 @@ def test_a_stream_the_upstream_breaks_off_is_cut_for_the_client_and_counted_as_b
     proxy = start_proxy(stub_config(upstream.base_url))
     sent = b"".join(UpstreamStub.stream_events("gpt-4o-mini")[:2])
 
-    received = b""
-    with (
-        client() as http,
-        http.stream(
-            "POST", f"{proxy.base_url}/chat/completions", json=STREAM, headers=TEST_AUTH
-        ) as response,
-    ):
-        assert response.status_code == 200
-        # No terminating chunk: the client can tell the body is incomplete.
-        with pytest.raises(httpx.RemoteProtocolError):
-            for chunk in response.iter_raw():
-                received += chunk
-    assert received == sent
+    assert cut_stream(proxy) == sent
 
     assert 'sentinel_broken_streams_total{provider="stub"} 1.0' in metric_lines(proxy)
     counted = [line for line in metric_lines(proxy) if line.startswith("sentinel_requests_total")]
@@ -226,18 +217,7 @@ def test_a_stream_silent_past_the_chunk_timeout_is_cut_and_counted_as_broken(
     first_event = UpstreamStub.stream_events("gpt-4o-mini", 3)[0]
 
     started = time.monotonic()
-    received = b""
-    with (
-        client() as http,
-        http.stream(
-            "POST", f"{proxy.base_url}/chat/completions", json=STREAM, headers=TEST_AUTH
-        ) as response,
-    ):
-        assert response.status_code == 200
-        with pytest.raises(httpx.RemoteProtocolError):
-            for chunk in response.iter_raw():
-                received += chunk
-    assert received == first_event
+    assert cut_stream(proxy) == first_event
     assert time.monotonic() - started < 3.5, "cut only when the next event came"
 
     assert 'sentinel_broken_streams_total{provider="stub"} 1.0' in metric_lines(proxy)
