@@ -3,6 +3,7 @@ a local upstream stub, raw sockets where a client library would normalise what i
 
 from __future__ import annotations
 
+import json
 import socket
 from pathlib import Path
 
@@ -145,6 +146,65 @@ def test_a_follow_up_needs_no_model(
     assert first.status_code == follow.status_code == 200
     assert follow.headers["x-sentinel-session"] == "hit"
     assert upstream.requests[-1].json() == {"model": "m-a", "messages": []}
+
+
+def _responses(answer: bytes) -> list[tuple[bytes, bytes]]:
+    """The status lines and bodies of the HTTP/1.1 responses `answer` holds, in order."""
+    found = []
+    while answer:
+        head, answer = answer.split(b"\r\n\r\n", 1)
+        lines = head.split(b"\r\n")
+        fields = dict(line.lower().split(b": ", 1) for line in lines[1:])
+        body = b""
+        if fields.get(b"transfer-encoding") == b"chunked":
+            while True:
+                size_line, answer = answer.split(b"\r\n", 1)
+                size = int(size_line, 16)
+                body, answer = body + answer[:size], answer[size + 2 :]
+                if not size:
+                    break
+        else:
+            size = int(fields[b"content-length"])
+            body, answer = answer[:size], answer[size:]
+        found.append((lines[0], body))
+    return found
+
+
+def test_pipelined_requests_are_answered_in_order_each_whole(
+    start_proxy: StartProxy, upstream: UpstreamStub
+) -> None:
+    proxy = start_proxy(
+        f'[[providers]]\nname = "stub"\nbase_url = "{upstream.base_url}"\n'
+        '[models.fast]\ntargets = [{provider = "stub", model = "m-a"}]\n'
+    )
+    auth = b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in TEST_AUTH.items())
+
+    def chat(stream: bool, close: bool = False) -> bytes:
+        body = b'{"model":"fast","stream":%s,"messages":[{"role":"user","content":"hi"}]}' % (
+            b"true" if stream else b"false"
+        )
+        return (
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxy\r\n%s"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n%s\r\n%s"
+            % (auth, len(body), b"Connection: close\r\n" if close else b"", body)
+        )
+
+    files = b"GET /v1/files HTTP/1.1\r\nHost: proxy\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(chat(False) + files + chat(True) + chat(False, close=True))
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+
+    (status, json_body), (missing, _), (streamed, events), (last, again) = _responses(answer)
+    assert [status, missing, streamed, last] == [
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 404 Not Found",  # the stub answers chat completions only
+        b"HTTP/1.1 200 OK",
+        b"HTTP/1.1 200 OK",
+    ]
+    assert json.loads(json_body)["model"] == json.loads(again)["model"] == "m-a"
+    assert events == b"".join(UpstreamStub.stream_events("m-a"))
 
 
 def test_client_x_sentinel_headers_are_dropped(proxy: ProxyProcess, upstream: UpstreamStub) -> None:
