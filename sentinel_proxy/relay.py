@@ -73,8 +73,8 @@ class DisconnectWatcher:
     that much later, and the many short requests cost a timer instead of a task.
 
     A client that stops reading shows up as a send waiting in uvicorn's drain, which has
-    no deadline, while aiohttp's read timeout is paused too: the upstream connection would
-    be held for ever. One timer per request, from `delay` on, checks every
+    no deadline, while the upstream's read timeout waits for it too (transport.py): the
+    upstream connection would be held for ever. One timer per request, from `delay` on, checks every
     stall_seconds / STALL_CHECKS whether the same send is still waiting (`sends` is odd
     and unchanged): cheaper than a deadline around every send."""
 

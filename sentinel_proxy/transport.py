@@ -1,178 +1,430 @@
 """
-The transport under the upstream httpx client: aiohttp's connection pool, behind httpx's
-transport interface.
+The transport under the upstream httpx client: HTTP/1.1 connections of our own, kept alive
+and pooled per origin, their responses read by httptools (uvicorn's parser).
 
 httpx's default transport scans every pooled connection per request and collapses under
-concurrency (encode/httpx#3215), so the proxy's speed is decided here. httpx-aiohttp does
-the same job but maps a refused connection to a timeout and lets aiohttp add headers of
-its own; this one forwards exactly what it is given and maps errors by what they mean.
+concurrency (encode/httpx#3215). aiohttp's client, which this replaces, took a third of the
+proxy's CPU per request: a timer re-armed on every read, a task per request body, and the
+cookies, redirects, tracing and decoding of a general client, each of which a transparent
+proxy must switch off (bench/RESULTS.md: the proxy serves 1.4x the requests without it). A
+proxy needs little of a client: the request goes out as the bytes it is given, in one
+write, and the response comes back as the bytes the upstream sent.
 
-The pool's limit is a counter of ours (_Slots) rather than aiohttp's, so that waiting for a
-free connection has a deadline of its own (httpx's `pool` timeout) apart from connecting.
+Timeouts come per request in the `timeout` extension: httpx's `connect` and `pool`, `read`
+(silence allowed until the first body bytes) and `chunk` (silence allowed between reads of
+the body after them). The pool's limit is a counter of requests in flight (_Slots), so that
+waiting for a free connection has a deadline of its own.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import re
 import ssl
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Mapping
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator, Callable
 
-import aiohttp
+import httptools
 import httpx
-from aiohttp import http_writer
-from yarl import URL
 
 from sentinel_proxy.request import MAX_HEADER_BYTES
 
-if TYPE_CHECKING:
-    from multidict import CIMultiDict
+# An upstream's response head (status line and headers) may be up to twice what the proxy
+# takes from a client; larger is not HTTP any server should send.
+MAX_RESPONSE_HEAD_BYTES = 2 * MAX_HEADER_BYTES
+# An idle connection is reused for this long, then closed: servers close theirs too (nginx
+# after 75 s, Node after 5 s), and one they closed can look alive for a moment.
+KEEPALIVE_SECONDS = 15.0
+# Body bytes read from the upstream and not yet taken by the relay: past the high mark the
+# connection stops reading (the upstream waits), below the low mark it reads again.
+READ_HIGH_WATER = 256 * 1024
+READ_LOW_WATER = 64 * 1024
 
-# aiohttp adds these to requests that lack them; a proxy must not (an Accept-Encoding the
-# client never sent would bring it a gzip body it cannot read).
-_AUTO_HEADERS = {
-    b"accept": "Accept",
-    b"accept-encoding": "Accept-Encoding",
-    b"user-agent": "User-Agent",
-    b"content-type": "Content-Type",
-}
-# Upstream response headers are accepted up to what the proxy accepts from its clients:
-# any line or field up to MAX_HEADER_BYTES, and as many lines as that many bytes can hold.
-_MAX_HEADER_LINES = MAX_HEADER_BYTES // 4
 _NO_TIMEOUTS: dict[str, float | None] = {}
+# Bytes no header name or value may hold: a CR or LF would end the line early.
+_FORBIDDEN = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+_DEFAULT_PORTS = {b"http": 80, b"https": 443}
 
-# aiohttp writes header strings as UTF-8, so bytes a client sent outside ASCII would arrive
-# re-encoded (`café` as `cafÃ©`) or not at all (a lone 0xE9). Requests that carry such
-# bytes set this, and their head is written as the bytes given (see _serialize_headers).
-_RAW_HEADERS: contextvars.ContextVar[bool] = contextvars.ContextVar(
-    "sentinel_raw_headers", default=False
-)
-_aiohttp_serialize_headers = http_writer._serialize_headers
-_FORBIDDEN = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+Origin = tuple[bytes, str, int]
 
 
-def _serialize_headers(status_line: str, headers: CIMultiDict[str]) -> bytes:
-    if not _RAW_HEADERS.get():
-        return _aiohttp_serialize_headers(status_line, headers)
-    lines = [status_line]
-    lines += [name + ": " + value for name, value in headers.items()]
-    if _FORBIDDEN.search("".join(lines)):
-        raise ValueError("a control character in a request header")
-    # The strings were decoded as latin-1 from the client's bytes: this restores them.
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-
-
-class AiohttpTransport(httpx.AsyncBaseTransport):
-    """Sends httpx requests with one aiohttp ClientSession that keeps no cookies and
-    decodes no bodies. The session is made on first use, inside the running loop.
-
-    Timeouts come per request in the `timeout` extension: httpx's `connect`, `pool` and
-    `read` (to the response headers and on to the first body bytes), and `chunk`, the
-    silence allowed between two reads of the body after that."""
+class UpstreamTransport(httpx.AsyncBaseTransport):
+    """Sends httpx requests over pooled HTTP/1.1 connections; no cookies, redirects,
+    decoding or added headers. Plain TCP and TLS."""
 
     def __init__(self, *, max_connections: int, ssl_context: ssl.SSLContext | None = None) -> None:
         self._slots = _Slots(max_connections)
-        self._ssl = ssl_context if ssl_context is not None else httpx.create_ssl_context()
-        self._session: aiohttp.ClientSession | None = None
-        self._timeouts: dict[tuple[float | None, ...], aiohttp.ClientTimeout] = {}
-
-    def _open(self) -> aiohttp.ClientSession:
-        # Process-wide, but it changes only the requests that set _RAW_HEADERS.
-        http_writer._serialize_headers = _serialize_headers
-        connector = aiohttp.TCPConnector(
-            limit=0,
-            limit_per_host=0,
-            ssl=self._ssl,
-            enable_cleanup_closed=False,
-        )
-        return aiohttp.ClientSession(
-            connector=connector,
-            cookie_jar=aiohttp.DummyCookieJar(),
-            auto_decompress=False,
-            timeout=aiohttp.ClientTimeout(total=None),
-            max_line_size=MAX_HEADER_BYTES,
-            max_field_size=MAX_HEADER_BYTES,
-            max_headers=_MAX_HEADER_LINES,
-        )
+        self._ssl = ssl_context
+        # Idle connections per origin, the most recently used on the right.
+        self._idle: dict[Origin, deque[_Connection]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        session = self._session
-        if session is None:
-            session = self._session = self._open()
         timeout = request.extensions.get("timeout", _NO_TIMEOUTS)
         if not isinstance(request.stream, httpx.ByteStream):
             raise httpx.UnsupportedProtocol("only buffered request bodies are supported")
-        content = b"".join(request.stream)
-        headers = []
-        missing = dict(_AUTO_HEADERS)
-        raw = False
-        for name, value in request.headers.raw:
-            missing.pop(name.lower(), None)
-            try:
-                text = value.decode("ascii")
-            except UnicodeDecodeError:
-                raw = True
-                text = value.decode("latin-1")
-            headers.append((name.decode("latin-1"), text))
+        url = request.url
+        scheme = url.raw_scheme
+        port = url.port or _DEFAULT_PORTS.get(scheme)
+        if port is None:
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {url.scheme!r}")
+        origin = (scheme, url.raw_host.decode("ascii"), port)
+        data = _head(request) + b"".join(request.stream)
         slots = self._slots
         if slots.free:
             slots.free -= 1
         else:
             await slots.wait(timeout.get("pool"))
-        token = _RAW_HEADERS.set(True) if raw else None
+        connection = None
         try:
-            response = await session.request(
-                request.method,
-                URL(str(request.url), encoded=True),
-                headers=headers,
-                skip_auto_headers=missing.values() if missing else None,
-                data=content or None,
-                allow_redirects=False,
-                compress=None,
-                timeout=self._timeout(timeout),
+            connection = self._reuse(origin)
+            if connection is None:
+                connection = await self._connect(origin, timeout.get("connect"))
+            await connection.exchange(
+                data, request.method == "HEAD", timeout.get("read"), timeout.get("chunk")
             )
-        except BaseException as exc:
+        except BaseException:
             slots.release()
-            if isinstance(exc, Exception):
-                raise _translate(exc, connecting=True) from exc
+            if connection is not None:
+                connection.close()
             raise
-        finally:
-            if token is not None:
-                _RAW_HEADERS.reset(token)
-        chunk = timeout.get("chunk")
-        if chunk is not None and chunk != timeout.get("read"):
-            connection = response.connection
-            if connection is not None and connection.protocol is not None:
-                # The timer running now still allows `read` until the first body bytes;
-                # each read after them restarts it with this.
-                connection.protocol.read_timeout = chunk
         return httpx.Response(
-            status_code=response.status,
-            headers=response.raw_headers,
-            stream=_ResponseStream(response, slots.release),
+            status_code=connection.status,
+            headers=connection.headers,
+            stream=_ResponseStream(connection, self._idle, slots.release),
             request=request,
             extensions={"http_version": b"HTTP/1.1"},
         )
 
-    def _timeout(self, timeout: Mapping[str, float | None]) -> aiohttp.ClientTimeout:
-        # aiohttp's `connect` covers what is left once a slot is ours: resolving and
-        # connecting. Requests share a few distinct values.
-        key = (timeout.get("connect"), timeout.get("read"))
-        found = self._timeouts.get(key)
-        if found is None:
-            found = self._timeouts[key] = aiohttp.ClientTimeout(
-                total=None, connect=key[0], sock_connect=key[0], sock_read=key[1]
-            )
-        return found
+    def _reuse(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            connection = idle.pop()
+            if connection.reusable():
+                return connection
+            connection.close()
+        return None
+
+    async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+        scheme, host, port = origin
+        context = None
+        if scheme == b"https":
+            if self._ssl is None:
+                self._ssl = httpx.create_ssl_context()
+            context = self._ssl
+        loop = asyncio.get_running_loop()
+        try:
+            async with asyncio.timeout(timeout):
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(origin, loop),
+                    host,
+                    port,
+                    ssl=context,
+                    server_hostname=host if context is not None else None,
+                )
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"connecting to {host}:{port} timed out") from exc
+        except OSError as exc:
+            raise httpx.ConnectError(str(exc) or type(exc).__name__) from exc
+        return connection
 
     async def aclose(self) -> None:
-        if self._session is not None:
-            await self._session.close()
-            self._session = None
+        for idle in self._idle.values():
+            while idle:
+                idle.pop().close()
+
+
+def _head(request: httpx.Request) -> bytes:
+    """The request line and headers, as the bytes given."""
+    raw = request.headers.raw
+    if _FORBIDDEN.search(b"".join([value for _, value in raw] + [name for name, _ in raw])):
+        raise httpx.LocalProtocolError("a control character in a request header")
+    lines = [request.method.encode("ascii"), b" ", request.url.raw_path, b" HTTP/1.1\r\n"]
+    for name, value in raw:
+        lines += (name, b": ", value, b"\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection to an upstream, carrying one exchange (request and response) at a
+    time; httptools calls its on_* methods as it parses."""
+
+    def __init__(self, origin: Origin, loop: asyncio.AbstractEventLoop) -> None:
+        self.origin = origin
+        self._loop = loop
+        self._transport: asyncio.Transport | None = None
+        self._parser = httptools.HttpResponseParser(self)
+        self._lost = False
+        self.idle_since = 0.0
+        self._active = False  # an exchange is under way
+        self.status = 0
+        self.headers: list[tuple[bytes, bytes]] = []
+        self._head_bytes = 0
+        self._header_bytes = 0
+        self._head_done = False
+        self._body_started = False
+        self._complete = False
+        self._keep_alive = False
+        self._head_only = False
+        self._chunks: deque[bytes] = deque()
+        self._buffered = 0
+        self._paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._error: Exception | None = None
+        self._read: float | None = None
+        self._chunk: float | None = None
+        self._deadline = 0.0
+        self._timer: asyncio.TimerHandle | None = None
+
+    def reusable(self) -> bool:
+        return (
+            not self._lost
+            and self._loop.time() - self.idle_since < KEEPALIVE_SECONDS
+            and self._transport is not None
+            and not self._transport.is_closing()
+        )
+
+    async def exchange(
+        self, data: bytes, head_only: bool, read: float | None, chunk: float | None
+    ) -> None:
+        """Send a request (`data`); return once the response's head has arrived."""
+        self._active = True
+        self.status = 0
+        self.headers = []
+        self._head_bytes = self._header_bytes = 0
+        self._head_done = self._body_started = self._complete = False
+        self._head_only = head_only
+        self._error = None
+        self._read = read
+        self._chunk = read if chunk is None else chunk
+        if read is not None:
+            self._deadline = self._loop.time() + read
+            self._arm(self._deadline)
+        if self._lost or self._transport is None:
+            raise httpx.ReadError("the upstream closed the connection before the request")
+        self._transport.write(data)
+        while not self._head_done:
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+
+    async def read(self) -> bytes:
+        """The body bytes read since the last call, or b"" once the body is complete."""
+        chunks = self._chunks
+        while not chunks:
+            if self._complete:
+                return b""
+            if self._error is not None:
+                raise self._error
+            await self._wait()
+        data = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self._buffered = 0
+        if self._paused and self._transport is not None:
+            self._paused = False
+            self._transport.resume_reading()
+        return data
+
+    async def _wait(self) -> None:
+        self._waiter = waiter = self._loop.create_future()
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def finished(self) -> bool:
+        """The response was read whole and the connection can carry another."""
+        return self._complete and self._keep_alive and not self._head_only and not self._lost
+
+    def rest(self) -> None:
+        """Between exchanges: idle in the pool."""
+        self._active = False
+        self.idle_since = self._loop.time()
+
+    def close(self) -> None:
+        self._active = False
+        self._stop_timer()
+        if self._transport is not None:
+            self._transport.close()
+
+    def _fail(self, error: Exception) -> None:
+        if self._error is None and not self._complete:
+            self._error = error
+        self._wake()
+        self.close()
+
+    # The timer: one per exchange, moved on lazily (each read only stores the new deadline).
+
+    def _check(self) -> None:
+        self._timer = None
+        if not self._active or self._complete:
+            return
+        if self._loop.time() < self._deadline:
+            self._arm(self._deadline)
+            return
+        if self._chunks:
+            # Silent because the relay has not taken what came yet (a slow client, which
+            # the relay's own stall check is for), not because the upstream stalled.
+            self._deadline = self._loop.time() + (self._chunk or 0.0)
+            self._arm(self._deadline)
+            return
+        self._fail(httpx.ReadTimeout("the upstream sent nothing for too long"))
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(when, self._check)
+
+    def _stop_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    # asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        self._stop_timer()
+        if not self._active or self._complete:
+            return
+        if self._head_done and self._ends_at_close():
+            self._complete = True  # a body without a length ends with the connection
+            self._keep_alive = False
+            self._wake()
+        elif not self._head_done:
+            self._fail(httpx.ReadError("the upstream closed the connection before responding"))
+        else:
+            self._fail(httpx.RemoteProtocolError("the upstream closed the connection mid-response"))
+
+    def _ends_at_close(self) -> bool:
+        if self._head_only or self.status in (204, 304):
+            return False
+        return not any(
+            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.headers
+        )
+
+    def data_received(self, data: bytes) -> None:
+        if not self._active or self._complete:
+            # Bytes nobody asked for (or past a HEAD response's head): the connection is
+            # no longer one to reuse.
+            self._lost = True
+            self.close()
+            return
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._keep_alive = False
+            self._complete = True  # 101: nothing of it is relayed (Upstream refuses it)
+            self._wake()
+        except httptools.HttpParserError as exc:
+            self._fail(httpx.RemoteProtocolError(f"the upstream's response is not HTTP: {exc}"))
+            return
+        if self._error is not None:
+            self._fail(self._error)
+            return
+        if not self._head_done:
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_RESPONSE_HEAD_BYTES:
+                self._fail(httpx.RemoteProtocolError("the upstream's response head is too large"))
+                return
+        if self._read is not None and self._timer is not None:
+            # `read` until the first body bytes, `chunk` after them.
+            wait = self._chunk if self._body_started else self._read
+            self._deadline = deadline = self._loop.time() + wait  # type: ignore[operator]
+            if deadline < self._timer.when():
+                self._arm(deadline)
+
+    def eof_received(self) -> bool | None:
+        return None  # close; connection_lost decides what the end means
+
+    # httptools
+
+    def on_message_begin(self) -> None:
+        if self._complete:
+            self._lost = True  # a second response to one request: not a connection to reuse
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+        self._header_bytes += len(name) + len(value) + 4
+        if self._header_bytes > MAX_RESPONSE_HEAD_BYTES and self._error is None:
+            self._error = httpx.RemoteProtocolError("the upstream's response head is too large")
+
+    def on_headers_complete(self) -> None:
+        status = self._parser.get_status_code()
+        if self._error is not None:
+            return
+        if 100 <= status < 200 and status != 101:
+            self.headers = []  # an interim response (100 Continue): the final one follows
+            return
+        self.status = status
+        self._head_done = True
+        self._keep_alive = self._parser.should_keep_alive()
+        if self._head_only:
+            self._complete = True
+        self._wake()
+
+    def on_body(self, body: bytes) -> None:
+        self._body_started = True
+        self._chunks.append(body)
+        self._buffered += len(body)
+        if self._buffered > READ_HIGH_WATER and not self._paused and self._transport is not None:
+            self._paused = True
+            self._transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if not self._head_done:
+            return  # the end of an interim response
+        self._complete = True
+        self._stop_timer()
+        self._wake()
+
+
+class _ResponseStream(httpx.AsyncByteStream):
+    __slots__ = ("_connection", "_idle", "_release")
+
+    def __init__(
+        self,
+        connection: _Connection,
+        idle: dict[Origin, deque[_Connection]],
+        release: Callable[[], None],
+    ) -> None:
+        self._connection = connection
+        self._idle = idle
+        self._release: Callable[[], None] | None = release
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        read = self._connection.read
+        while chunk := await read():
+            yield chunk
+
+    async def aclose(self) -> None:
+        release, self._release = self._release, None
+        if release is None:
+            return
+        connection = self._connection
+        # An unfinished body closes its connection, so the upstream sees the client go.
+        if connection.finished():
+            connection.rest()
+            idle = self._idle.get(connection.origin)
+            if idle is None:
+                idle = self._idle[connection.origin] = deque()
+            idle.append(connection)
+            while idle and not idle[0].reusable():
+                idle.popleft().close()
+        else:
+            connection.close()
+        release()
 
 
 class _Slots:
@@ -212,50 +464,3 @@ class _Slots:
                 waiter.set_result(None)
                 return
         self.free += 1
-
-
-class _ResponseStream(httpx.AsyncByteStream):
-    __slots__ = ("_response", "_release")
-
-    def __init__(self, response: aiohttp.ClientResponse, release: Callable[[], None]) -> None:
-        self._response = response
-        self._release: Callable[[], None] | None = release
-
-    async def __aiter__(self) -> AsyncIterator[bytes]:
-        content = self._response.content
-        try:
-            while True:
-                chunk = await content.readany()
-                if not chunk:
-                    return
-                yield chunk
-        except Exception as exc:
-            raise _translate(exc, connecting=False) from exc
-
-    async def aclose(self) -> None:
-        release, self._release = self._release, None
-        if release is None:
-            return
-        # An unfinished body closes its connection, so the upstream sees the client go.
-        if self._response.content.at_eof():
-            self._response.release()
-        else:
-            self._response.close()
-        release()
-
-
-def _translate(exc: Exception, *, connecting: bool) -> Exception:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
-        return httpx.ConnectTimeout(str(exc) or "connect timeout")
-    if isinstance(exc, aiohttp.ServerTimeoutError | TimeoutError):
-        return httpx.ReadTimeout(str(exc) or "read timeout")
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return httpx.ConnectError(str(exc))
-    if isinstance(exc, aiohttp.ClientResponseError | aiohttp.ClientPayloadError):
-        return httpx.RemoteProtocolError(str(exc))
-    if isinstance(exc, aiohttp.ClientError | OSError):
-        message = str(exc) or type(exc).__name__
-        return httpx.ConnectError(message) if connecting else httpx.ReadError(message)
-    if isinstance(exc, ValueError):
-        return httpx.LocalProtocolError(str(exc))
-    return exc

@@ -25,7 +25,7 @@ from sentinel_proxy.exceptions import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from sentinel_proxy.transport import AiohttpTransport
+from sentinel_proxy.transport import UpstreamTransport
 
 logger = logging.getLogger("sentinel_proxy.upstream")
 
@@ -66,14 +66,14 @@ class Upstream:
     ) -> None:
         # The one place the transport is chosen (tests pass a mock one).
         if transport is None:
-            transport = AiohttpTransport(max_connections=config.max_connections)
+            transport = UpstreamTransport(max_connections=config.max_connections)
             if any(is_demo_url(p.base_url) for p in providers):
                 # Demo providers (--demo) are answered in process; without one, nothing
-                # stands between the proxy and aiohttp.
+                # stands between the proxy and its connections.
                 transport = DemoTransport(transport)
         self._transport = transport
         # httpx's timeout names, plus `chunk` for the silence between two reads of the body
-        # (AiohttpTransport's docstring); `read` runs to the first body bytes.
+        # (UpstreamTransport's docstring); `read` runs to the first body bytes.
         self._timeout = {
             "connect": config.connect_timeout,
             "read": config.first_byte_timeout,
@@ -123,5 +123,5 @@ class Upstream:
 
 
 def _first_line(exc: Exception) -> str:
-    # aiohttp's parser errors quote the offending bytes at length over several lines.
+    # Parser errors can quote the offending bytes at length over several lines.
     return str(exc).split("\n", 1)[0][:200]

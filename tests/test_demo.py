@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from sentinel_proxy.config import UpstreamConfig, load_config
 from sentinel_proxy.demo import DEFAULT_DIMENSIONS, DemoTransport, is_demo_url
 from sentinel_proxy.exceptions import ConfigError
-from sentinel_proxy.transport import AiohttpTransport
+from sentinel_proxy.transport import UpstreamTransport
 from sentinel_proxy.upstream import Upstream, UpstreamResponse
 
 DEMO = load_config(None, env={}, demo=True)
@@ -122,9 +122,9 @@ def test_a_file_may_name_demo_providers_beside_real_ones(tmp_path: Path) -> None
 # -- choosing the transport -----------------------------------------------------------------
 
 
-def test_without_demo_providers_requests_go_straight_to_aiohttp() -> None:
+def test_without_demo_providers_requests_go_straight_to_the_upstream_transport() -> None:
     upstream = Upstream(UpstreamConfig(), providers=load_config(None, env={}).providers)
-    assert type(upstream._transport) is AiohttpTransport
+    assert type(upstream._transport) is UpstreamTransport
 
 
 def test_with_demo_providers_the_demo_transport_answers_them() -> None:

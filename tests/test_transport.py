@@ -1,8 +1,9 @@
-"""The aiohttp-backed transport against a real server on a socket."""
+"""The upstream transport against real servers on sockets."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import time
 from collections.abc import Callable
@@ -10,14 +11,19 @@ from collections.abc import Callable
 import httpx
 import pytest
 
-from sentinel_proxy.transport import AiohttpTransport, _Slots
+from sentinel_proxy.transport import (
+    MAX_RESPONSE_HEAD_BYTES,
+    READ_HIGH_WATER,
+    UpstreamTransport,
+    _Slots,
+)
 from tests.support.ports import free_port
 from tests.support.raw_upstream import RawUpstream, Responder
 from tests.support.upstream_stub import UpstreamStub
 
 
 async def test_forwards_exactly_the_headers_it_is_given(upstream: UpstreamStub) -> None:
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     request = httpx.Request(
         "POST",
         f"{upstream.base_url}/chat/completions",
@@ -38,7 +44,7 @@ async def test_forwards_exactly_the_headers_it_is_given(upstream: UpstreamStub) 
 
 
 async def test_refused_connection_is_a_connect_error() -> None:
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     request = httpx.Request("GET", f"http://127.0.0.1:{free_port()}/v1/models")
     try:
         with pytest.raises(httpx.ConnectError):
@@ -51,7 +57,7 @@ async def test_closing_an_unfinished_response_closes_the_upstream_connection(
     upstream: UpstreamStub,
 ) -> None:
     upstream.slow_stream(seconds=30, interval=0.05)
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     request = httpx.Request(
         "POST",
         f"{upstream.base_url}/chat/completions",
@@ -82,7 +88,7 @@ async def test_an_upstream_that_never_answers_is_a_read_timeout() -> None:
 
     server = await asyncio.start_server(accept_and_stay_silent, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     request = httpx.Request(
         "GET",
         f"http://127.0.0.1:{port}/v1/models",
@@ -108,7 +114,7 @@ async def test_header_bytes_outside_ascii_reach_the_upstream_as_sent(
     raw_upstream: Callable[[bytes | Responder], RawUpstream],
 ) -> None:
     server = raw_upstream(OK)
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     utf8 = "café ☕".encode()
     request = httpx.Request(
         "GET",
@@ -118,7 +124,6 @@ async def test_header_bytes_outside_ascii_reach_the_upstream_as_sent(
     try:
         response = await transport.handle_async_request(request)
         await response.aclose()
-        # An all-ASCII request afterwards is written by aiohttp's own serializer again.
         plain = httpx.Request("GET", f"{server.base_url}/models", headers=[(b"x-a", b"b")])
         await (await transport.handle_async_request(plain)).aclose()
     finally:
@@ -136,7 +141,7 @@ async def test_control_characters_in_header_values_are_refused(
     raw_upstream: Callable[[bytes | Responder], RawUpstream], value: bytes
 ) -> None:
     server = raw_upstream(OK)
-    transport = AiohttpTransport(max_connections=1)
+    transport = UpstreamTransport(max_connections=1)
     request = httpx.Request("GET", f"{server.base_url}/models", headers=[(b"x", value)])
     try:
         with pytest.raises(httpx.LocalProtocolError):
@@ -153,7 +158,7 @@ async def test_accepts_response_headers_as_large_as_the_proxy_accepts_from_clien
     many = b"".join(b"x-h%d: v\r\n" % i for i in range(300))
     big = b"x-big: " + b"a" * (40 * 1024) + b"\r\n"
     server = raw_upstream(b"HTTP/1.1 200 OK\r\n" + many + big + OK.split(b"\r\n", 1)[1])
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     try:
         response = await transport.handle_async_request(
             httpx.Request("GET", f"{server.base_url}/models")
@@ -171,7 +176,7 @@ async def test_waiting_for_a_free_connection_is_bounded_by_the_pool_timeout(
     upstream: UpstreamStub,
 ) -> None:
     upstream.slow_stream(seconds=30, interval=0.05)
-    transport = AiohttpTransport(max_connections=1)
+    transport = UpstreamTransport(max_connections=1)
     timeout = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 0.2}
 
     def chat() -> httpx.Request:
@@ -265,7 +270,7 @@ async def test_after_the_first_body_bytes_silence_is_bounded_by_the_chunk_timeou
     raw_upstream: Callable[[bytes | Responder], RawUpstream],
 ) -> None:
     server = raw_upstream(_respond_in_steps(SSE_HEAD, 0.1, EVENT, 30.0))
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     timeout = {"connect": 5.0, "read": 20.0, "write": 5.0, "pool": 5.0, "chunk": 0.3}
     request = httpx.Request("GET", f"{server.base_url}/stream", extensions={"timeout": timeout})
     received: list[bytes] = []
@@ -287,7 +292,7 @@ async def test_until_the_first_body_bytes_the_first_byte_timeout_applies(
 ) -> None:
     # Headers at once, then a model that thinks longer than the chunk timeout.
     server = raw_upstream(_respond_in_steps(SSE_HEAD, 1.0, EVENT + b"0\r\n\r\n"))
-    transport = AiohttpTransport(max_connections=4)
+    transport = UpstreamTransport(max_connections=4)
     timeout = {"connect": 5.0, "read": 20.0, "write": 5.0, "pool": 5.0, "chunk": 0.3}
     request = httpx.Request("GET", f"{server.base_url}/stream", extensions={"timeout": timeout})
     try:
@@ -297,3 +302,130 @@ async def test_until_the_first_body_bytes_the_first_byte_timeout_applies(
     finally:
         await transport.aclose()
     assert body == b"data: thinking\n\n"
+
+
+async def _get(transport: UpstreamTransport, url: str, method: str = "GET") -> httpx.Response:
+    """A request's response, its body read whole."""
+    timeout = {"connect": 5.0, "read": 5.0, "write": 5.0, "pool": 5.0}
+    request = httpx.Request(method, url, extensions={"timeout": timeout})
+    response = await transport.handle_async_request(request)
+    try:
+        response._content = b"".join([chunk async for chunk in response.aiter_raw()])
+    finally:
+        await response.aclose()
+    return response
+
+
+async def test_a_finished_response_leaves_its_connection_to_the_next_request() -> None:
+    writers: list[asyncio.StreamWriter] = []
+
+    async def keep_alive(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writers.append(writer)
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError):
+            while await reader.readuntil(b"\r\n\r\n"):
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+    server = await asyncio.start_server(keep_alive, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    transport = UpstreamTransport(max_connections=4)
+    try:
+        answers = [await _get(transport, f"http://127.0.0.1:{port}/v1/models") for _ in range(3)]
+    finally:
+        await transport.aclose()
+        server.close()
+        for writer in writers:
+            writer.close()
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await server.wait_closed()
+    assert [(r.status_code, r.content) for r in answers] == [(200, b"ok")] * 3
+    assert len(writers) == 1  # one connection
+
+
+@pytest.mark.parametrize(
+    ("method", "answer", "body"),
+    [
+        # No length: the body runs to the end of the connection.
+        (
+            "GET",
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil the end",
+            b"until the end",
+        ),
+        # A HEAD response's length is the GET's; no body follows it.
+        ("HEAD", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n", b""),
+        # An interim response before the final one is not the response.
+        ("GET", b"HTTP/1.1 100 Continue\r\n\r\n" + OK, b"ok"),
+        ("GET", b"HTTP/1.1 204 No Content\r\n\r\n", b""),
+    ],
+)
+async def test_where_a_response_ends(
+    raw_upstream: Callable[[bytes | Responder], RawUpstream],
+    method: str,
+    answer: bytes,
+    body: bytes,
+) -> None:
+    server = raw_upstream(answer)
+    transport = UpstreamTransport(max_connections=4)
+    try:
+        response = await _get(transport, f"{server.base_url}/models", method)
+    finally:
+        await transport.aclose()
+    assert response.content == body
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nx-big: " + b"a" * (MAX_RESPONSE_HEAD_BYTES + 1) + b"\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # then the connection ends
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n",  # no last chunk
+        b"NOT HTTP AT ALL\r\n\r\n",
+    ],
+)
+async def test_a_response_that_is_not_whole_http_is_a_protocol_error(
+    raw_upstream: Callable[[bytes | Responder], RawUpstream], answer: bytes
+) -> None:
+    server = raw_upstream(answer)
+    transport = UpstreamTransport(max_connections=1)
+    try:
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _get(transport, f"{server.base_url}/models")
+        assert transport._slots.free == 1
+    finally:
+        await transport.aclose()
+
+
+async def test_an_upstream_that_closes_without_answering_is_a_read_error(
+    raw_upstream: Callable[[bytes | Responder], RawUpstream],
+) -> None:
+    server = raw_upstream(b"")
+    transport = UpstreamTransport(max_connections=1)
+    try:
+        with pytest.raises(httpx.ReadError):
+            await _get(transport, f"{server.base_url}/models")
+    finally:
+        await transport.aclose()
+
+
+async def test_a_body_nobody_reads_stops_the_reading_and_resumes_it(
+    raw_upstream: Callable[[bytes | Responder], RawUpstream],
+) -> None:
+    sent = bytes(range(256)) * 4096  # 1 MiB
+    server = raw_upstream(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(sent) + sent)
+    transport = UpstreamTransport(max_connections=1)
+    try:
+        response = await transport.handle_async_request(
+            httpx.Request("GET", f"{server.base_url}/models")
+        )
+        connection = response.stream._connection  # type: ignore[attr-defined]
+        deadline = time.monotonic() + 10
+        while not connection._paused:
+            assert time.monotonic() < deadline, "reading never paused"
+            await asyncio.sleep(0.01)  # polling with a deadline: the upstream is sending
+        # Paused at the high mark: what is held is bounded by it and one read.
+        assert connection._buffered <= READ_HIGH_WATER + 256 * 1024
+        body = b"".join([chunk async for chunk in response.aiter_raw()])
+        await response.aclose()
+    finally:
+        await transport.aclose()
+    assert body == sent

@@ -351,8 +351,8 @@ def test_bad_config_exits_2_with_one_line(
 def test_upstream_cookies_do_not_leak_to_other_clients(
     start_proxy: StartProxy, upstream: UpstreamStub, openai_client: OpenAIClientFactory
 ) -> None:
-    # By host name: aiohttp's default cookie jar ignores cookies from IP addresses, which would
-    # hide a leak through it.
+    # By host name: a cookie jar may ignore cookies from IP addresses (aiohttp's does), which
+    # would hide a leak through one.
     proxy = start_proxy(stub_config(f"http://localhost:{upstream.port}/v1"))
     upstream.add_response_header("set-cookie", "stub_session=client-a-secret; Path=/; HttpOnly")
 
