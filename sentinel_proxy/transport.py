@@ -199,8 +199,9 @@ class _Connection(asyncio.Protocol):
         self._read = read
         self._chunk = read if chunk is None else chunk
         if read is not None:
-            self._deadline = self._loop.time() + read
-            self._arm(self._deadline)
+            self._deadline = deadline = self._loop.time() + read
+            if self._timer is None or deadline < self._timer.when():
+                self._arm(deadline)
         if self._lost or self._transport is None:
             raise httpx.ReadError("the upstream closed the connection before the request")
         self._transport.write(data)
@@ -259,7 +260,9 @@ class _Connection(asyncio.Protocol):
         self._wake()
         self.close()
 
-    # The timer: one per exchange, moved on lazily (each read only stores the new deadline).
+    # The timer: one per connection, moved on lazily. An exchange or a read only stores its
+    # deadline; the timer, when it fires, compares, and re-arms itself for a later one. A
+    # connection carrying many quick exchanges touches it once per timeout period.
 
     def _check(self) -> None:
         self._timer = None
@@ -386,7 +389,6 @@ class _Connection(asyncio.Protocol):
         if not self._head_done:
             return  # the end of an interim response
         self._complete = True
-        self._stop_timer()
         self._wake()
 
 
