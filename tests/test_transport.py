@@ -5,8 +5,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import httpx
 import pytest
@@ -429,3 +432,51 @@ async def test_a_body_nobody_reads_stops_the_reading_and_resumes_it(
     finally:
         await transport.aclose()
     assert body == sent
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for localhost and 127.0.0.1, and its key."""
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-keyout", str(key), "-out", str(cert), "-subj", "/CN=localhost",
+         "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return cert, key
+
+
+async def test_https_upstreams_are_reached_over_verified_tls(
+    tls_files: tuple[Path, Path],
+) -> None:
+    cert, key = tls_files
+    server_context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server_context.load_cert_chain(cert, key)
+    seen: list[bytes] = []
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(ConnectionError, asyncio.IncompleteReadError, ssl.SSLError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                seen.append(head)
+                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nsecret")
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_context)
+    port = server.sockets[0].getsockname()[1]
+    trusting = UpstreamTransport(
+        max_connections=2, ssl_context=ssl.create_default_context(cafile=cert)
+    )
+    default = UpstreamTransport(max_connections=2)  # the system's CAs: not this certificate
+    try:
+        first = await _get(trusting, f"https://localhost:{port}/v1/models")
+        second = await _get(trusting, f"https://localhost:{port}/v1/models")
+        with pytest.raises(httpx.ConnectError):
+            await _get(default, f"https://localhost:{port}/v1/models")
+    finally:
+        await trusting.aclose()
+        await default.aclose()
+        server.close()
+        await server.wait_closed()
+    assert (first.content, second.content) == (b"secret", b"secret")
+    assert [h.split(b"\r\n", 1)[0] for h in seen] == [b"GET /v1/models HTTP/1.1"] * 2
