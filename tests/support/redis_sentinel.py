@@ -152,6 +152,8 @@ class RedisSentinels:
             if server.running:
                 server.ensure_running()
                 continue
+            # Just after a failover the sentinels may still name different primaries.
+            _wait("the sentinels to agree on the primary", self._agreed, timeout)
             primary = self.primary()
             options = server.extra_args
             server.extra_args = (*options, "--replicaof", primary.host, str(primary.port))
@@ -160,6 +162,13 @@ class RedisSentinels:
             finally:
                 server.extra_args = options
         _wait("the sentinels to be ready", self._healthy, timeout)
+
+    def _agreed(self) -> bool:
+        try:
+            self.primary()
+        except (RedisServerError, redis.RedisError):
+            return False
+        return True
 
     def _healthy(self) -> bool:
         try:
