@@ -12,7 +12,9 @@ two runs of the same code differ by 15% on the benchmark machine; here the same 
 itself stays within 5%.
 
 Prints the candidate's throughput over the base's for each round and their median: 1.10
-means the candidate serves 10% more requests on the same CPU. Same set-up as bench/run.py:
+means the candidate serves 10% more requests on the same CPU; then each side's errors over
+the measured rounds (wrk's socket errors, non-2xx answers and wrong bodies, which the
+throughputs leave out). Same set-up as bench/run.py:
 Redis and the nginx mock on the second CPU, a conversation id in every body. With --cluster,
 both keep their sessions in a Redis Cluster of three masters there (`cluster = true`); with
 `--cluster candidate` only the candidate does, so `duel.py HEAD HEAD --cluster candidate`
@@ -92,8 +94,11 @@ def start_sentinel(
 REFERENCE = "reference"
 
 
-def paired_round(env: Env, ports: tuple[int, int], seconds: float) -> list[int]:
-    """Both wrks at once; the good answers each got."""
+def paired_round(
+    env: Env, ports: tuple[int, int], seconds: float, errors: list[int] | None = None
+) -> list[int]:
+    """Both wrks at once; the good answers each got. Each side's errors (socket errors,
+    non-2xx answers, wrong bodies) are added to `errors`."""
     args = env.args
     runs = [
         subprocess.Popen(
@@ -120,6 +125,9 @@ def paired_round(env: Env, ports: tuple[int, int], seconds: float) -> list[int]:
             raise BenchError(f"wrk failed ({wrk.returncode}): {out[-500:]}{err[-500:]}")
         raw = json.loads(line.split(" ", 1)[1])
         good.append(int(raw["requests"]) - int(raw["non2xx"]) - int(raw["bad_body"]))
+        if errors is not None:
+            kinds = ("err_connect", "err_read", "err_write", "err_timeout", "non2xx", "bad_body")
+            errors[len(good) - 1] += sum(int(raw[kind]) for kind in kinds)
     return good
 
 
@@ -242,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
         # With wrk arguments the warm-up goes round the whole pool (it primes the sessions).
         paired_round(env, (ports[0], ports[1]), max(2.0, args.pool / 400) if args.wrk_arg else 2)
         ratios = []
+        errors = [0, 0]
         added: dict[str, list[float]] = {"base": [], "candidate": []}
         for number in range(1, args.rounds + 1):
             if args.latency:
@@ -253,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     f"{added['base'][-1]:.3f} ms, candidate {added['candidate'][-1]:.3f} ms"
                 )
                 continue
-            base, candidate = paired_round(env, (ports[0], ports[1]), args.seconds)
+            base, candidate = paired_round(env, (ports[0], ports[1]), args.seconds, errors)
             ratios.append(candidate / max(base, 1))
             log(f"round {number}: base {base}, candidate {candidate}: {ratios[-1]:.3f}")
             time.sleep(0.5)
@@ -289,7 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.candidate} vs {args.base}, {mode}, {args.conns} connections each, "
         f"{args.rounds} rounds "
         f"of {args.seconds:g} s: {' '.join(f'{r:.3f}' for r in ratios)}; "
-        f"median {statistics.median(ratios):.3f}"
+        f"median {statistics.median(ratios):.3f}; errors: base {errors[0]}, "
+        f"candidate {errors[1]}"
     )
     return 0
 
