@@ -467,7 +467,7 @@ async def test_https_upstreams_are_reached_over_verified_tls(
     trusting = UpstreamTransport(
         max_connections=2, ssl_context=ssl.create_default_context(cafile=cert)
     )
-    default = UpstreamTransport(max_connections=2)  # the system's CAs: not this certificate
+    default = UpstreamTransport(max_connections=2)  # httpx's default CAs: not this one
     try:
         first = await _get(trusting, f"https://localhost:{port}/v1/models")
         second = await _get(trusting, f"https://localhost:{port}/v1/models")
