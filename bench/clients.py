@@ -58,6 +58,19 @@ class Response:
     tail: bytes
 
 
+async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
+    """A response's status and headers (names lower-cased)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if ":" in line:
+            key, value = line.split(":", 1)
+            headers[key.strip().lower()] = value.strip()
+    return status, headers
+
+
 async def read_response(
     reader: asyncio.StreamReader,
     on_first_body_byte: Callable[[], None] | None = None,
@@ -68,14 +81,7 @@ async def read_response(
     on_first_body_byte is called as soon as the first byte of the body is on hand: for chunked
     bodies, once the first chunk-size line has arrived. on_chunk is awaited after every chunk.
     """
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if ":" in line:
-            key, value = line.split(":", 1)
-            headers[key.strip().lower()] = value.strip()
+    status, headers = await read_head(reader)
     keep_alive = headers.get("connection", "").lower() != "close"
     total = 0
     tail = b""

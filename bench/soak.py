@@ -49,6 +49,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import run
+from clients import read_head
 from run import BenchError, Proc, Processes, log
 
 BENCH = Path(__file__).resolve().parent
@@ -501,18 +502,6 @@ class _Conn:
             writer.transport.abort()
         else:
             writer.close()
-
-
-async def read_head(reader: asyncio.StreamReader) -> tuple[int, dict[str, str]]:
-    head = await reader.readuntil(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    status = int(lines[0].split(" ", 2)[1])
-    headers: dict[str, str] = {}
-    for line in lines[1:]:
-        if ":" in line:
-            key, value = line.split(":", 1)
-            headers[key.strip().lower()] = value.strip()
-    return status, headers
 
 
 class Body:
