@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import signal
-import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 
 from tests.support.procs import connection_owner, worker_pids
 from tests.support.proxy_process import TEST_AUTH, ProxyProcess, StartProxy
+from tests.support.streams import start_stream
 from tests.support.upstream_stub import UpstreamStub
 from tests.support.waiting import wait_for
 from tests.support.workers import client_port, ready_workers
@@ -90,38 +90,6 @@ def chat(
     )
 
 
-class Stream(threading.Thread):
-    """A streamed chat completion for `fast`, read to its end in a thread."""
-
-    def __init__(self, proxy: ProxyProcess) -> None:
-        super().__init__(daemon=True)
-        self._proxy = proxy
-        self.body = b""
-        self.provider = ""
-        self.error: Exception | None = None
-        self.started_streaming = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with (
-                httpx.Client(trust_env=False, timeout=60.0) as client,
-                client.stream(
-                    "POST",
-                    f"{self._proxy.base_url}/chat/completions",
-                    json={"model": "fast", "messages": [], "stream": True},
-                    headers=TEST_AUTH,
-                ) as response,
-            ):
-                self.provider = response.headers["x-sentinel-provider"]
-                self.started_streaming.set()
-                for chunk in response.iter_raw():
-                    self.body += chunk
-        except Exception as exc:  # the test looks at it
-            self.error = exc
-        finally:
-            self.started_streaming.set()
-
-
 def test_sighup_serves_the_new_file_while_older_streams_and_pins_go_on(
     start_proxy: StartProxy, upstream: UpstreamStub, second_upstream: UpstreamStub
 ) -> None:
@@ -129,9 +97,8 @@ def test_sighup_serves_the_new_file_while_older_streams_and_pins_go_on(
     release = a.hold_streams()
     proxy = start_proxy(config({"a": a}, "a"))
     assert chat(proxy, "kept")[:3] == ("a", "m-a", "created")
-    stream = Stream(proxy)
-    stream.start()
-    assert stream.started_streaming.wait(20) and stream.provider == "a", stream.error
+    stream = start_stream(proxy, "fast")
+    assert stream.headers["x-sentinel-provider"] == "a"
 
     line = sighup(proxy, config({"a": a, "b": b}, "b"))
     assert line.endswith("providers a,b, 1 alias(es); changed: providers, aliases")

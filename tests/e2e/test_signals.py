@@ -8,18 +8,16 @@ import json
 import os
 import signal
 import socket
-import threading
 import time
 from pathlib import Path
 
-import httpx
 import pytest
 
-from tests.support.procs import connection_owner
-from tests.support.proxy_process import TEST_AUTH, ProxyProcess, StartProxy
+from tests.support.proxy_process import ProxyProcess, StartProxy
+from tests.support.streams import start_stream
 from tests.support.upstream_stub import UpstreamStub
 from tests.support.waiting import wait_for
-from tests.support.workers import client_port, ready_workers
+from tests.support.workers import ready_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -32,51 +30,6 @@ def config(upstream: UpstreamStub, redis_url: str | None = None, server: str = "
         f"[server]\n{server}\n\n{session}"
         f'[[providers]]\nname = "stub"\nbase_url = "{upstream.base_url}"\n'
     )
-
-
-class Stream(threading.Thread):
-    """A streamed chat completion through the proxy, read to its end in a thread."""
-
-    def __init__(self, proxy: ProxyProcess, pids: list[int] | None = None) -> None:
-        super().__init__(daemon=True)
-        self._proxy, self._pids = proxy, pids or []
-        self.body = b""
-        self.error: Exception | None = None
-        self.owner: int | None = None
-        self.started_streaming = threading.Event()
-
-    def run(self) -> None:
-        try:
-            with (
-                httpx.Client(trust_env=False, timeout=60.0) as client,
-                client.stream(
-                    "POST",
-                    f"{self._proxy.base_url}/chat/completions",
-                    json={"model": MODEL, "messages": [], "stream": True},
-                    headers=TEST_AUTH,
-                ) as response,
-            ):
-                assert response.status_code == 200
-                self.owner = connection_owner(self._pids, self._proxy.port, client_port(response))
-                self.started_streaming.set()
-                for chunk in response.iter_raw():
-                    self.body += chunk
-        except Exception as exc:  # a cut stream: the test looks at it
-            self.error = exc
-        finally:
-            self.started_streaming.set()
-
-    def finish(self, timeout: float = 30.0) -> Stream:
-        self.join(timeout)
-        assert not self.is_alive(), "the stream did not end"
-        return self
-
-
-def start_stream(proxy: ProxyProcess, pids: list[int] | None = None) -> Stream:
-    stream = Stream(proxy, pids)
-    stream.start()
-    assert stream.started_streaming.wait(20) and stream.error is None, stream.error
-    return stream
 
 
 def get_on(conn: socket.socket, path: str) -> tuple[int, dict[str, str], bytes]:
@@ -114,10 +67,10 @@ def test_sigterm_drains_the_workers(
     upstream.configure_stream(chunks=chunks, delay=0.1)  # about 2 s a stream
     proxy = start_proxy(config(upstream, redis_url), extra_args=("--workers", "2"))
     pids = ready_workers(proxy, 2)
-    streams = [start_stream(proxy, pids)]
+    streams = [start_stream(proxy, MODEL, pids)]
     while {s.owner for s in streams} != set(pids):  # an open stream on every worker
         assert len(streams) < 30, "no stream reached one of the workers"
-        streams.append(start_stream(proxy, pids))
+        streams.append(start_stream(proxy, MODEL, pids))
     with socket.create_connection(("127.0.0.1", proxy.port), timeout=5) as probe:
         assert get_on(probe, "/readyz")[0] == 200
         proxy.sigterm()
@@ -141,7 +94,7 @@ def test_a_second_sigterm_ends_at_once(
     upstream.slow_stream(seconds=30)  # as long as the default grace period
     proxy = start_proxy(config(upstream, redis_url), extra_args=("--workers", "2"))
     ready_workers(proxy, 2)
-    stream = start_stream(proxy)
+    stream = start_stream(proxy, MODEL)
     proxy.sigterm()
     wait_for("the drain to start", lambda: refused(proxy.port))
     assert stream.is_alive()
@@ -157,7 +110,7 @@ def test_shutdown_grace_seconds_cuts_a_stream_that_outlasts_it(
 ) -> None:
     upstream.slow_stream(seconds=30)
     proxy = start_proxy(config(upstream, server="shutdown_grace_seconds = 1.5"))
-    stream = start_stream(proxy)
+    stream = start_stream(proxy, MODEL)
     signalled = time.monotonic()
     proxy.sigterm()
     assert proxy.wait(timeout=15) == 0
@@ -182,7 +135,7 @@ def test_ctrl_c_drains_quietly(
         proxy.start()
         if workers_arg:
             ready_workers(proxy, 2)
-        stream = start_stream(proxy)
+        stream = start_stream(proxy, MODEL)
         # A terminal's Ctrl-C goes to every process of the foreground group.
         os.killpg(proxy.pid, signal.SIGINT)
         assert proxy.wait() == 0
