@@ -20,7 +20,7 @@ from tests.support.proxy_process import TEST_AUTH, ProxyProcess, StartProxy
 from tests.support.streams import start_stream
 from tests.support.upstream_stub import UpstreamStub
 from tests.support.waiting import wait_for
-from tests.support.workers import client_port, ready_workers
+from tests.support.workers import client_port, kill_a_worker, ready_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -190,15 +190,7 @@ def test_sighup_reloads_every_worker_and_the_workers_started_later(
 
         # The replacement serves the supervisor's configuration: the reloaded one, not the
         # broken file, which it never reads.
-        os.kill(pids[0], signal.SIGKILL)
-
-        def replaced() -> bool:
-            now = worker_pids(proxy.pid, proxy.port)
-            return len(now) == 2 and now != pids
-
-        wait_for("a replacement", replaced)
-        after = ready_workers(proxy, 2)
-        (replacement,) = set(after) - set(pids)
+        after, replacement = kill_a_worker(proxy, pids)
         by_replacement = 0
         deadline = time.monotonic() + 20
         while by_replacement < 5:

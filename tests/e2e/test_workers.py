@@ -22,7 +22,6 @@ from tests.support.procs import (
     children,
     connection_owner,
     listeners_by_process,
-    worker_pids,
 )
 from tests.support.proxy_process import (
     TEST_AUTH,
@@ -32,7 +31,7 @@ from tests.support.proxy_process import (
 )
 from tests.support.upstream_stub import UpstreamStub
 from tests.support.waiting import wait_for
-from tests.support.workers import client_port, ready_workers
+from tests.support.workers import client_port, kill_a_worker, ready_workers
 
 pytestmark = pytest.mark.e2e
 
@@ -82,15 +81,7 @@ def test_a_replacement_worker_serves_the_supervisors_config_not_the_edited_file(
     try:
         assert proxy.config_path is not None
         proxy.config_path.write_text(config(other, redis_url))
-        os.kill(before[0], signal.SIGKILL)
-
-        def replaced() -> bool:
-            pids = worker_pids(proxy.pid, proxy.port)
-            return len(pids) == 2 and pids != before
-
-        wait_for("a replacement", replaced)
-        after = ready_workers(proxy, 2)
-        (replacement,) = set(after) - set(before)
+        after, replacement = kill_a_worker(proxy, before)
         served_by_it = 0
         deadline = time.monotonic() + 20
         while served_by_it < 5:

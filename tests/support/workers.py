@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import httpx
 
 from tests.support.procs import connection_owner, worker_pids
@@ -34,3 +37,18 @@ def ready_workers(proxy: ProxyProcess, count: int, timeout: float = 20.0) -> lis
 
     wait_for(f"each of {count} workers to answer", all_answered, timeout)
     return pids
+
+
+def kill_a_worker(proxy: ProxyProcess, pids: list[int]) -> tuple[list[int], int]:
+    """SIGKILL the first of the proxy's workers `pids`; once its replacement answers, the
+    workers' PIDs and the replacement's."""
+    os.kill(pids[0], signal.SIGKILL)
+
+    def replaced() -> bool:
+        now = worker_pids(proxy.pid, proxy.port)
+        return len(now) == len(pids) and now != pids
+
+    wait_for("a replacement", replaced)
+    after = ready_workers(proxy, len(pids))
+    (replacement,) = set(after) - set(pids)
+    return after, replacement
