@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -103,13 +103,10 @@ def read_providers(raw: Any, env: Mapping[str, str]) -> tuple[Provider, ...]:
             prompt_cache=urlsplit(base_url).hostname == _OPENAI_HOST,
         )
         return (provider,)
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("providers", "must be a non-empty array of tables ([[providers]])")
     providers: list[Provider] = []
-    for index, item in enumerate(raw):
-        prefix = f"providers[{index}]."
-        if not isinstance(item, dict):
-            raise ConfigError(f"providers[{index}]", "must be a table")
+    for prefix, item in _tables(
+        raw, "providers", "must be a non-empty array of tables ([[providers]])"
+    ):
         only_keys(
             item,
             prefix,
@@ -181,14 +178,10 @@ def read_aliases(raw: dict[str, Any], providers: set[str]) -> dict[str, Alias]:
         on_failure = read_str(table, prefix, "on_target_failure", "reselect")
         if on_failure not in ("reselect", "error"):
             raise ConfigError(f"{prefix}on_target_failure", 'must be "reselect" or "error"')
-        targets_raw = table.get("targets")
-        if not isinstance(targets_raw, list) or not targets_raw:
-            raise ConfigError(f"{prefix}targets", "must be a non-empty array")
         targets: list[Target] = []
-        for index, item in enumerate(targets_raw):
-            key = f"{prefix}targets[{index}]."
-            if not isinstance(item, dict):
-                raise ConfigError(f"{prefix}targets[{index}]", "must be a table")
+        for key, item in _tables(
+            table.get("targets"), f"{prefix}targets", "must be a non-empty array"
+        ):
             only_keys(item, key, {"provider", "model", "weight"})
             provider = read_str(item, key, "provider", None)
             if provider not in providers:
@@ -228,13 +221,8 @@ def read_users(
 ) -> tuple[User, ...]:
     if raw is None:
         return ()
-    if not isinstance(raw, list) or not raw:
-        raise ConfigError("users", "must be a non-empty array of tables ([[users]])")
     users: list[User] = []
-    for index, item in enumerate(raw):
-        prefix = f"users[{index}]."
-        if not isinstance(item, dict):
-            raise ConfigError(f"users[{index}]", "must be a table")
+    for prefix, item in _tables(raw, "users", "must be a non-empty array of tables ([[users]])"):
         only_keys(item, prefix, {"external_id", "key_sha256", "tier", "models"})
         external_id = read_str(item, prefix, "external_id", None)
         if len(external_id) > MAX_NAME_LENGTH or not _EXTERNAL_ID.fullmatch(external_id):
@@ -279,3 +267,14 @@ def _alias_name(raw: Mapping[str, Any], prefix: str, key: str, aliases: Mapping[
     if name not in aliases:
         raise ConfigError(f"{prefix}{key}", f"{name!r} is no alias ([models.{name}])")
     return name
+
+
+def _tables(raw: Any, key: str, message: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """The tables of the array at `key`, each with the prefix its own keys are named by;
+    ConfigError(key, message) when it is no non-empty array."""
+    if not isinstance(raw, list) or not raw:
+        raise ConfigError(key, message)
+    for index, item in enumerate(raw):
+        if not isinstance(item, dict):
+            raise ConfigError(f"{key}[{index}]", "must be a table")
+        yield f"{key}[{index}].", item
