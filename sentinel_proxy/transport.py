@@ -160,6 +160,8 @@ class _Connection(asyncio.Protocol):
         self._active = False  # an exchange is under way
         self.status = 0
         self.headers: list[tuple[bytes, bytes]] = []
+        # The head's size, counted twice over: the bytes read while it is unfinished (a line
+        # that never ends), and its header lines (a whole head read at once).
         self._head_bytes = 0
         self._header_bytes = 0
         self._head_done = False
